@@ -1,0 +1,9 @@
+"""pagellm: LLM inference with a paged KV cache and continuous batching."""
+
+from pagellm.entrypoints.llm import LLM
+from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagellm.sampling_params import BeamSearchParams, SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "__version__"]

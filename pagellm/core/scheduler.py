@@ -1,0 +1,119 @@
+"""Continuous batching: which requests compute how many tokens in the next step.
+
+There are no prefill and decode phases. Each request has `num_computed_tokens` and a target
+(its prompt plus outputs so far); a step gives each scheduled request some tokens toward that
+target under one token budget. Running requests go first (their decode tokens, or the next
+chunk of a long prompt), then waiting ones, in arrival order. When the KV pool runs dry the
+most recently admitted running request is preempted: its blocks are freed and it is recomputed
+later from its prompt and outputs, so it is never lost or duplicated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagellm.config import SchedulerConfig
+from pagellm.core.kv_cache import KVCacheManager
+from pagellm.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens computed for it this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the request's known tokens, so a token is sampled."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add_request(self, request: Request) -> None:
+        """Queues a request. The caller has checked that it can fit in the KV pool alone."""
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Picks the next step's work and allocates its KV blocks. Mutates block_ids and status."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        kept: list[Request] = []
+        running = list(self.running)
+        while running:
+            request = running.pop(0)
+            if budget == 0:
+                kept.append(request)
+                continue
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_cache.allocate_slots(request, num_new):
+                # Preempt the newest running request (possibly this one) to free blocks.
+                victim = running.pop() if running else request
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                kept.append(request)
+                budget -= num_new
+        self.running = kept
+
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                request = self.waiting[0]
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                if not self.config.enable_chunked_prefill and num_new < request.num_tokens:
+                    break
+                if not self.kv_cache.allocate_slots(request, num_new):
+                    break
+                self.waiting.popleft()
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Marks a request finished (or aborted), removes it from the queues and frees its blocks."""
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        self.kv_cache.free(request)

@@ -1,0 +1,84 @@
+"""Turns user prompts (text, token ids, chat messages) into validated token lists."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+PromptType = str | list[int] | Mapping[str, Any]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+
+    def process(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids). Raises ValueError for empty, too long or bad ids."""
+        text: str | None = None
+        if isinstance(prompt, str):
+            text = prompt
+            if not text:
+                raise ValueError("prompt must not be empty")
+            ids = self.tokenizer.encode(text)
+        elif isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                text = prompt.get("prompt")
+            elif "prompt" in prompt:
+                return self.process(prompt["prompt"])
+            else:
+                raise ValueError("prompt dict must have 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, (list, tuple)):
+            ids = prompt
+        else:
+            raise ValueError(f"prompt must be a string, a list of token ids or a dict; got {type(prompt).__name__}")
+        ids = list(ids)
+        if not ids:
+            raise ValueError("prompt must not be empty (prompt_token_ids has no tokens)")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt_token_ids must be ints in [0, {self.vocab_size}); got {t!r}")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens long, longer than max_model_len ({self.max_model_len})")
+        return text, ids
+
+    def render_chat(self, messages: list[Mapping[str, Any]], chat_template: str | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """The conversation as text through the model's (or the given) chat template."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        for m in messages:
+            if not isinstance(m, Mapping) or "role" not in m:
+                raise ValueError("each message must be a dict with 'role' and 'content'")
+        template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError("the model has no chat template; pass chat_template=")
+        normalised = [dict(m, content=_content_text(m.get("content"))) for m in messages]
+        return self.tokenizer.apply_chat_template(
+            normalised, chat_template=template, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tokenize=False, **(chat_template_kwargs or {}))
+
+    def encode_chat(self, text: str) -> list[int]:
+        # The template already holds the special tokens it wants.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _content_text(content: Any) -> str:
+    """Message content as a string: a string, or a list of OpenAI text parts joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            elif isinstance(part, str):
+                parts.append(part)
+            else:
+                raise ValueError("message content parts must be of type 'text'")
+        return "\n".join(parts)
+    raise ValueError(f"message content must be a string or a list of text parts; got {type(content).__name__}")

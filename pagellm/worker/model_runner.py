@@ -1,0 +1,224 @@
+"""Runs the model for one scheduled step: flattens it into tensors, runs the forward pass, samples.
+
+The model runner decides nothing about policy; it turns a SchedulerOutput into input_ids,
+positions, slot_mapping and block tables, and returns the sampled tokens and logprobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagellm.config import CacheConfig, ModelConfig
+from pagellm.core.scheduler import ScheduledRequest, SchedulerOutput
+from pagellm.layers.attention import AttentionMetadata, get_attention_backend
+from pagellm.layers.attention.layer import PagedAttention
+from pagellm.layers.sampler import Sampler, SamplingBatch, gather_logprobs
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+
+
+@dataclass
+class StepResult:
+    """What one step produced, on the host."""
+
+    # request_id -> sampled token, for requests that reached the end of their known tokens
+    sampled: dict[str, int]
+    # request_id -> (sampled token logprob, rank, [(token, logprob), ...] top-k) when logprobs were asked
+    logprobs: dict[str, tuple[float, int, list[tuple[int, float]]]]
+    # request_id -> [(position's token, its logprob, rank, top-k list)] for prompt positions computed now
+    prompt_logprobs: dict[str, list[tuple[int, float, int, list[tuple[int, float]]]]]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
+                 device: torch.device, attention_backend: str | None = None, max_num_seqs: int = 256) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.device = device
+        self.block_size = cache_config.block_size
+        self.backend = get_attention_backend(attention_backend, device)
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+        self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        self.num_blocks = self._allocate_kv_cache()
+
+    # ---- KV cache -------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        c = self.model_config
+        itemsize = torch.empty(0, dtype=c.dtype).element_size()
+        return 2 * len(self.attn_layers) * self.block_size * c.num_kv_heads * c.head_dim * itemsize
+
+    def _allocate_kv_cache(self) -> int:
+        c = self.model_config
+        if self.cache_config.num_gpu_blocks_override is not None:
+            num_blocks = self.cache_config.num_gpu_blocks_override
+        else:
+            budget = self.cache_config.kv_cache_memory or self._default_kv_budget()
+            num_blocks = budget // self.kv_bytes_per_block()
+        if num_blocks < 1:
+            raise ValueError("kv_cache_memory is too small for even one KV block "
+                             f"({self.kv_bytes_per_block()} bytes)")
+        # [layers, 2 (k/v), blocks, block_size, kv heads, head_dim]. Empty, not zeroed: the torch
+        # backend zeroes blocks as they are handed out (zeroing GiBs at start-up costs seconds).
+        self.kv_cache = torch.empty(len(self.attn_layers), 2, num_blocks, self.block_size, c.num_kv_heads,
+                                    c.head_dim, dtype=c.dtype, device=self.device)
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+            layer.backend = self.backend
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                    num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+        return num_blocks
+
+    def _default_kv_budget(self) -> int:
+        if self.device.type != "cuda":
+            return DEFAULT_CPU_KV_CACHE_BYTES
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Keep room for activations of the largest step (a generous fixed reserve for now).
+        reserve = 2 << 30
+        budget = int(total * self.cache_config.gpu_memory_utilization) - (total - free) - reserve
+        return max(budget, 0)
+
+    def zero_blocks(self, block_ids: list[int]) -> None:
+        """Clears newly handed-out blocks so stale or uninitialised memory never reaches attention."""
+        if block_ids and self.backend.name == "torch":
+            index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+            self.kv_cache.index_fill_(2, index, 0)
+
+    def release(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    # ---- one step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        # Decodes (one new token) first: backends batch them together.
+        items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
+        input_ids, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
+        logits_rows: list[int] = []   # flat token index whose logits are sampled, per sampling request
+        sampling: list[ScheduledRequest] = []
+        prompt_lp: list[tuple[ScheduledRequest, int, int]] = []  # (item, first flat index, count)
+        bs = self.block_size
+        for item in items:
+            r, start, n = item.request, item.request.num_computed_tokens, item.num_new_tokens
+            flat_start = len(input_ids)
+            all_ids = r.all_token_ids
+            input_ids.extend(all_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            blocks = r.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(blocks)
+            if item.samples:
+                logits_rows.append(len(input_ids) - 1)
+                sampling.append(item)
+            want = r.sampling_params.prompt_logprobs
+            if want is not None and r.prompt_logprobs is not None:
+                # Positions p predict token p + 1; only prompt tokens not yet scored.
+                first = len(r.prompt_logprobs) - 1
+                last = min(start + n, r.num_prompt_tokens - 1)
+                if first < last and first >= start:
+                    prompt_lp.append((item, flat_start + first - start, last - first))
+
+        dev = self.device
+        max_blocks = max(len(t) for t in tables)
+        table = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        # Decodes lead (the sort above), so they are the first num_decodes sequences.
+        num_decodes = sum(1 for q in query_lens if q == 1)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=table.to(dev, non_blocking=True),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            num_decodes=num_decodes, num_decode_tokens=num_decodes,
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        ids_t = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        hidden = self.model(ids_t, pos_t, meta)  # [T, hidden]
+
+        result = StepResult(sampled={}, logprobs={}, prompt_logprobs={})
+        if sampling:
+            rows = torch.tensor(logits_rows, dtype=torch.int64, device=dev)
+            logits = self.model.compute_logits(hidden[rows]).float()  # [S, V]
+            self._sample(logits, sampling, result)
+        for item, first, count in prompt_lp:
+            self._prompt_logprobs(hidden[first:first + count], item, result)
+        return result
+
+    def _generator(self, item: ScheduledRequest) -> torch.Generator | None:
+        r = item.request
+        seed = r.sampling_params.seed
+        if seed is None:
+            return None
+        gen = self.generators.get(r.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self.generators[r.request_id] = gen
+        return gen
+
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledRequest], result: StepResult) -> None:
+        reqs = [s.request for s in sampling]
+        batch = SamplingBatch.build(
+            params=[r.sampling_params for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+            generators=[self._generator(s) for s in sampling],
+            stop_ids_for_min_tokens=[self._min_tokens_stop_ids(r) for r in reqs],
+            vocab_size=logits.shape[-1], device=self.device)
+        out = self.sampler(logits, batch)
+        tokens = out.sampled_token_ids.tolist()
+        want_lp = [r.sampling_params.logprobs for r in reqs]
+        if any(w is not None for w in want_lp):
+            lp = out.sampled_logprobs.tolist()
+            # rank of the sampled token under the raw distribution (1 = most likely)
+            picked = logits.gather(1, out.sampled_token_ids.view(-1, 1))
+            ranks = ((logits > picked).sum(-1) + 1).tolist()
+            top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
+            top_lps = out.topk_logprobs.tolist() if out.topk_logprobs is not None else None
+        for i, r in enumerate(reqs):
+            result.sampled[r.request_id] = tokens[i]
+            k = want_lp[i]
+            if k is not None:
+                top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
+                result.logprobs[r.request_id] = (lp[i], ranks[i], top)
+
+    @staticmethod
+    def _min_tokens_stop_ids(r) -> set[int]:
+        p = r.sampling_params
+        if len(r.output_token_ids) >= p.min_tokens:
+            return set()
+        ids = set(p.stop_token_ids or [])
+        if not p.ignore_eos:
+            ids |= r.eos_token_ids
+        return ids
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, item: ScheduledRequest, result: StepResult) -> None:
+        r = item.request
+        k = r.sampling_params.prompt_logprobs
+        first_pos = len(r.prompt_logprobs) - 1  # position whose logits predict the next prompt token
+        count = hidden.shape[0]
+        target_ids = r.prompt_token_ids[first_pos + 1:first_pos + 1 + count]
+        targets = torch.tensor(target_ids, device=self.device)
+        logits = self.model.compute_logits(hidden).float()  # [N, V]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        token_lp, top_ids, top_lps = gather_logprobs(logprobs, targets, k)
+        ranks = ((logprobs > token_lp[:, None]).sum(-1) + 1).tolist()
+        token_lp = token_lp.tolist()
+        top_ids = top_ids.tolist() if top_ids is not None else [[] for _ in range(count)]
+        top_lps = top_lps.tolist() if top_lps is not None else [[] for _ in range(count)]
+        result.prompt_logprobs[r.request_id] = [
+            (target_ids[j], token_lp[j], ranks[j], list(zip(top_ids[j], top_lps[j]))) for j in range(count)]
