@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_workload(args: argparse.Namespace) -> Workload:
     if args.workload:
         work = standard_workload(args.workload, args.num_prompts)
+        if args.output_len is not None:
+            work = Workload(work.prompts, [args.output_len] * len(work.prompts), work.temperature)
     elif args.input_len is not None:
         work = fixed_lengths(args.num_prompts or 64, args.input_len, args.output_len or 128, 0.0)
     elif args.random_input_len is not None:

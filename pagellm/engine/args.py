@@ -31,6 +31,7 @@ class EngineArgs:
     attention_backend: str | None = None
     enable_chunked_prefill: bool = True
     trust_remote_code: bool = False
+    skip_tokenizer_init: bool = False
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:

@@ -46,7 +46,8 @@ class LLMEngine:
         self.args = args
         device = args.resolve_device()
         self.device = device
-        source = open_model_source(args.model, args.tokenizer, args.load_format, args.trust_remote_code)
+        source = open_model_source(args.model, args.tokenizer, args.load_format, args.trust_remote_code,
+                                   skip_tokenizer_init=args.skip_tokenizer_init)
         architecture, cls = resolve_model_class(source.hf_config)
         spec = cls.spec_from_config(source.hf_config)
         self.model_config = mc = args.create_model_config(source, architecture, spec, device)
@@ -55,12 +56,13 @@ class LLMEngine:
         torch.manual_seed(args.seed)
         model = build_model(source, mc.dtype, device, args.seed)
         self.runner = ModelRunner(model, mc, self.cache_config, device, args.attention_backend,
-                                  max_num_seqs=self.scheduler_config.max_num_seqs)
+                                  max_num_seqs=self.scheduler_config.max_num_seqs,
+                                  max_num_batched_tokens=self.scheduler_config.max_num_batched_tokens)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, self.cache_config.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
         self.tokenizer = source.tokenizer
         self.generation_config = source.generation_config or {}
-        self.eos_token_ids = self._eos_ids()
+        self.eos_token_ids = self._eos_ids(source.hf_config)
         self.inputs = InputProcessor(self.tokenizer, mc.max_model_len, spec.vocab_size)
         self.outputs = OutputProcessor(self.tokenizer, mc.max_model_len)
         self.groups: dict[str, list[Request]] = {}
@@ -76,9 +78,10 @@ class LLMEngine:
     def kv_capacity_tokens(self) -> int:
         return self.kv_cache.num_blocks * self.cache_config.block_size
 
-    def _eos_ids(self) -> set[int]:
+    def _eos_ids(self, hf_config) -> set[int]:
+        """End-of-sequence ids: generation_config.json's, else config.json's, plus the tokenizer's."""
         ids: set[int] = set()
-        eos = self.generation_config.get("eos_token_id")
+        eos = self.generation_config.get("eos_token_id", getattr(hf_config, "eos_token_id", None))
         if isinstance(eos, int):
             ids.add(eos)
         elif isinstance(eos, (list, tuple)):
@@ -106,8 +109,10 @@ class LLMEngine:
         params.verify_token_ids(self.model_config.vocab_size)
         if params.detokenize is False and params.stop:
             raise ValueError("stop strings need detokenize=True")
-        total = len(ids) if params.max_tokens is None else min(len(ids) + params.max_tokens,
-                                                                self.model_config.max_model_len)
+        # max_tokens=None generates up to max_model_len, so the request may grow that far; a
+        # request that cannot fit alone would be preempted and recomputed forever.
+        max_len = self.model_config.max_model_len
+        total = max_len if params.max_tokens is None else min(len(ids) + params.max_tokens, max_len)
         total = max(total, len(ids) + 1)
         if self.kv_cache.blocks_for(total) > self.kv_cache.num_blocks:
             raise ValueError(f"request needs {total} tokens of KV cache but the pool holds only "
@@ -159,14 +164,14 @@ class LLMEngine:
         self.num_preemptions += len(sched.preempted)
         if sched.is_empty:
             return []
+        scheduled_time = time.time()  # before the forward pass, so queueing and prefill time separate
         self.runner.zero_blocks(self.kv_cache.take_new_blocks())
         result = self.runner.execute(sched)
-        now = time.time()
         touched: dict[str, None] = {}
         for item in sched.scheduled:
             r = item.request
             if r.metrics.first_scheduled_time is None:
-                r.metrics.first_scheduled_time = now
+                r.metrics.first_scheduled_time = scheduled_time
             if r.num_computed_tokens < r.num_prompt_tokens:
                 self.prompt_tokens_total += min(item.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens)
             r.num_computed_tokens += item.num_new_tokens
@@ -178,7 +183,8 @@ class LLMEngine:
             self.generation_tokens_total += 1
             status = self.outputs.append_token(r, token, result.logprobs.get(r.request_id))
             if status is not None:
-                r.metrics.finished_time = now
+                # Stamped now, after the output processor stamped the last token.
+                r.metrics.finished_time = time.time()
                 self.scheduler.finish(r, status)
                 self.runner.release(r.request_id)
             touched[r.parent_id] = None

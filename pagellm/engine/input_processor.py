@@ -20,6 +20,8 @@ class InputProcessor:
             text = prompt
             if not text:
                 raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True): pass prompt_token_ids")
             ids = self.tokenizer.encode(text)
         elif isinstance(prompt, Mapping):
             if "prompt_token_ids" in prompt:

@@ -43,6 +43,9 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.token_text = TokenTextCache(tokenizer)
 
+    def _decoder(self, request: Request) -> TokenTextCache | None:
+        return self.token_text if request.sampling_params.detokenize and self.tokenizer is not None else None
+
     def init_request(self, request: Request) -> None:
         p = request.sampling_params
         if p.detokenize and self.tokenizer is not None:
@@ -52,7 +55,7 @@ class OutputProcessor:
             request.prompt_logprobs = [None]
 
     def append_prompt_logprobs(self, request: Request, items) -> None:
-        decode = self.token_text if request.sampling_params.detokenize else None
+        decode = self._decoder(request)
         for token, lp, rank, top in items:
             request.prompt_logprobs.append(make_logprob_entry(token, lp, rank, top, decode))
 
@@ -66,14 +69,20 @@ class OutputProcessor:
         if logprob is not None:
             lp, rank, top = logprob
             request.cumulative_logprob += lp
-            decode = self.token_text if request.sampling_params.detokenize else None
+            decode = self._decoder(request)
             request.logprobs.append(make_logprob_entry(token, lp, rank, top, decode))
         new_chars = 0
         if request.detokenizer is not None:
             delta = request.detokenizer.append(token)
             request.output_text += delta
             new_chars = len(delta)
-        return self._check_stop(request, token, new_chars)
+        status = self._check_stop(request, token, new_chars)
+        if status is not None and request.detokenizer is not None and not isinstance(request.stop_reason, str):
+            # Finished by EOS, a stop token or length: the detokenizer may still hold the
+            # start of an unfinished character, which belongs in the final text (as U+FFFD,
+            # as tokenizer.decode shows it). A stop string already cut the text before it.
+            request.output_text += request.detokenizer.flush()
+        return status
 
     def _check_stop(self, request: Request, token: int, new_chars: int) -> RequestStatus | None:
         p = request.sampling_params

@@ -27,7 +27,10 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE in the non-interleaved (GPT-NeoX / HF Llama) layout to the first `rotary_dim` dims."""
+    """RoPE in the non-interleaved (GPT-NeoX / HF Llama) layout over the first `rotary_dim` dims.
+
+    `cos_sin(positions, dtype)` is computed once per forward pass and shared by every layer.
+    """
 
     def __init__(self, head_dim: int, max_position: int, inv_freq: torch.Tensor, scaling: float = 1.0,
                  rotary_dim: int | None = None) -> None:
@@ -36,21 +39,20 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = rotary_dim or head_dim
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # [P, rotary_dim / 2]
-        # [P, rotary_dim]: cos then sin halves, kept in fp32 for accuracy.
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1),
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, rotary_dim]
+        # [P, 2, rotary_dim] fp32: cos and sin, each over the full rotary width.
+        self.register_buffer("cos_sin_cache", torch.stack([emb.cos() * scaling, emb.sin() * scaling], dim=1),
                              persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [T], q [T, H, D], k [T, Hkv, D] -> rotated (q, k), same shapes and dtypes."""
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [T, rd/2] each
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """positions [T] -> [2, T, 1, rotary_dim] in `dtype` (as HF rotates: in the model's dtype)."""
+        return self.cos_sin_cache[positions].to(dtype).transpose(0, 1).unsqueeze(2)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] -> rotated copy."""
+        cos, sin = cos_sin[0], cos_sin[1]
         rd = self.rotary_dim
-        x_rot = x[..., :rd].float()
-        x1, x2 = x_rot.chunk(2, dim=-1)
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-        if rd == x.shape[-1]:
-            return rotated
-        return torch.cat([rotated, x[..., rd:]], dim=-1)
+        if rd != x.shape[-1]:
+            return torch.cat([self.rotate(x[..., :rd], cos_sin), x[..., rd:]], dim=-1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin

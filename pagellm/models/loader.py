@@ -16,11 +16,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from pagellm.models.gguf_loader import (gguf_generation_config, gguf_hf_config, gguf_tokenizer,
-                                        iter_gguf_weights)
-from pagellm.models.source_gguf_file import GGUFFile
-
 if TYPE_CHECKING:
+    # The gguf package is imported only when a GGUF file is opened (the GPU image lacks it).
+    from pagellm.models.source_gguf_file import GGUFFile
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -41,7 +39,7 @@ class ModelSource:
     model: str  # what the user passed (or DEFAULT_MODEL)
     path: Path  # the resolved folder or .gguf file
     hf_config: PretrainedConfig  # has .architectures set, e.g. ["LlamaForCausalLM"]
-    tokenizer: PreTrainedTokenizerBase  # fast tokenizer; chat_template set when the model has one
+    tokenizer: PreTrainedTokenizerBase | None  # None with skip_tokenizer_init; fast tokenizer; chat_template set when the model has one
     generation_config: dict[str, Any]  # generation_config.json or GGUF eos/bos ids; {} if none
     load_format: str  # resolved: "safetensors" | "gguf" | "dummy"
     _weight_files: tuple[Path, ...] = field(default=(), repr=False, compare=False)
@@ -57,13 +55,15 @@ class ModelSource:
         if self.load_format == "safetensors":
             return _iter_safetensors(self._weight_files)
         if self.load_format == "gguf" and self._gguf is not None:
+            from pagellm.models.gguf_loader import iter_gguf_weights
             return iter_gguf_weights(self._gguf, self.hf_config)
         raise ValueError(f"model {self.model!r} was opened with load_format={self.load_format!r}, "
                          f"which has no weights to iterate")
 
 
 def open_model_source(model: str | None, tokenizer: str | None = None,
-                      load_format: str = "auto", trust_remote_code: bool = False) -> ModelSource:
+                      load_format: str = "auto", trust_remote_code: bool = False,
+                      skip_tokenizer_init: bool = False) -> ModelSource:
     """Resolves `model` to a local source and loads its config and tokenizer (not its weights).
 
     model: None or DEFAULT_MODEL (or "SmolLM2-135M-Instruct") for the bundled default; else a
@@ -83,6 +83,8 @@ def open_model_source(model: str | None, tokenizer: str | None = None,
     gguf: GGUFFile | None = None
     weight_files: tuple[Path, ...] = ()
     if is_gguf:
+        from pagellm.models.gguf_loader import gguf_generation_config, gguf_hf_config
+        from pagellm.models.source_gguf_file import GGUFFile
         gguf = GGUFFile(source_path)
         hf_config = gguf_hf_config(gguf)
         generation_config = gguf_generation_config(gguf)
@@ -94,13 +96,16 @@ def open_model_source(model: str | None, tokenizer: str | None = None,
         if resolved_format == "safetensors":
             weight_files = _find_safetensors(name, source_path)
 
-    if tokenizer is not None:
+    if skip_tokenizer_init:
+        hf_tokenizer = None
+    elif tokenizer is not None:
         hf_tokenizer = _load_tokenizer_from(tokenizer, trust_remote_code)
     elif gguf is not None:
+        from pagellm.models.gguf_loader import gguf_tokenizer
         hf_tokenizer = gguf_tokenizer(gguf)
     else:
         hf_tokenizer = _load_hf_tokenizer(source_path, "model", name, trust_remote_code)
-    if config_dir is not None and not getattr(hf_tokenizer, "chat_template", None):
+    if hf_tokenizer is not None and config_dir is not None and not getattr(hf_tokenizer, "chat_template", None):
         # A separate tokenizer folder may lack the template the model folder ships.
         template = _read_chat_template(config_dir)
         if template:

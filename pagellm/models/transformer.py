@@ -73,17 +73,17 @@ class DecoderAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(h, hkv, d, scale=d ** -0.5, sliding_window=spec.sliding_window)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
-        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                             self.num_kv_heads * self.head_dim], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)     # [T, H, D]
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+    def forward(self, cos_sin: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
+        v = qkv[:, h + hkv:]  # [T, Hkv, D]
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q = self.rotary.rotate(self.q_norm(qkv[:, :h]), cos_sin)   # [T, H, D]
+            k = self.rotary.rotate(self.k_norm(qkv[:, h:h + hkv]), cos_sin)  # [T, Hkv, D]
+        else:
+            # q and k rotate together: one set of ops for both.
+            qk = self.rotary.rotate(qkv[:, :h + hkv], cos_sin)  # [T, H + Hkv, D]
+            q, k = qk[:, :h], qk[:, h:]
         out = self.attn(q, k, v, meta)  # [T, H, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -107,12 +107,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, positions, x, residual, meta):
+    def forward(self, cos_sin, x, residual, meta):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
+        x = self.self_attn(cos_sin, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -120,14 +120,16 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding) -> None:
         super().__init__()
+        self.rotary = rotary
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, rotary) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta):
         x, residual = self.embed_tokens(input_ids), None  # [T, hidden]
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)  # shared by every layer
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+            x, residual = layer(cos_sin, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
 

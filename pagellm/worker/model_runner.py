@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pagellm.config import CacheConfig, ModelConfig
@@ -17,6 +18,7 @@ from pagellm.core.scheduler import ScheduledRequest, SchedulerOutput
 from pagellm.layers.attention import AttentionMetadata, get_attention_backend
 from pagellm.layers.attention.layer import PagedAttention
 from pagellm.layers.sampler import Sampler, SamplingBatch, gather_logprobs
+from pagellm.worker.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,8 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
-                 device: torch.device, attention_backend: str | None = None, max_num_seqs: int = 256) -> None:
+                 device: torch.device, attention_backend: str | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048) -> None:
         self.model = model
         self.model_config = model_config
         self.cache_config = cache_config
@@ -46,8 +49,14 @@ class ModelRunner:
         self.backend = get_attention_backend(attention_backend, device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        for layer in self.attn_layers:
+            layer.backend = self.backend
+        self.graphs: DecodeGraphs | None = None
         self.num_blocks = self._allocate_kv_cache()
+        self.capture_cuda_graphs()
 
     # ---- KV cache -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -71,7 +80,6 @@ class ModelRunner:
                                     c.head_dim, dtype=c.dtype, device=self.device)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
-            layer.backend = self.backend
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
         return num_blocks
@@ -79,12 +87,54 @@ class ModelRunner:
     def _default_kv_budget(self) -> int:
         if self.device.type != "cuda":
             return DEFAULT_CPU_KV_CACHE_BYTES
-        torch.cuda.synchronize(self.device)
+        peak_activations = self._profile_peak_activations()
         free, total = torch.cuda.mem_get_info(self.device)
-        # Keep room for activations of the largest step (a generous fixed reserve for now).
-        reserve = 2 << 30
-        budget = int(total * self.cache_config.gpu_memory_utilization) - (total - free) - reserve
-        return max(budget, 0)
+        # What the card may hold for us, minus what is already taken (weights, other processes),
+        # the largest step's activations and a reserve for CUDA graphs and the sampler.
+        reserve = 1 << 30
+        budget = int(total * self.cache_config.gpu_memory_utilization) - (total - free) - peak_activations - reserve
+        logger.info("memory profile: %.2f GiB in use, %.2f GiB peak activations, %.2f GiB for the KV cache",
+                    (total - free) / 2**30, peak_activations / 2**30, max(budget, 0) / 2**30)
+        if budget <= 0:
+            raise ValueError("no GPU memory left for the KV cache: raise gpu_memory_utilization or lower "
+                             "max_num_batched_tokens / max_model_len")
+        return budget
+
+    @torch.inference_mode()
+    def _profile_peak_activations(self) -> int:
+        """Peak memory of the largest step (max_num_batched_tokens tokens, max_num_seqs logits rows)."""
+        c = self.model_config
+        tokens = self.max_num_batched_tokens
+        seq_len = min(tokens, c.max_model_len)
+        num_seqs = -(-tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        tmp = torch.zeros(len(self.attn_layers), 2, blocks_per_seq * num_seqs + 1, self.block_size,
+                          c.num_kv_heads, c.head_dim, dtype=c.dtype, device=self.device)
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = tmp[i, 0], tmp[i, 1]
+        lens = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
+        tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(len(lens))]
+        positions = [p for n in lens for p in range(n)]
+        slots = [tables[i][p // self.block_size] * self.block_size + p % self.block_size
+                 for i, n in enumerate(lens) for p in range(n)]
+        meta = self._metadata(lens, lens, tables, slots, num_decodes=0)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, pos, meta)
+        rows = min(self.max_num_seqs, tokens)
+        logits = self.model.compute_logits(hidden[:rows]).float()
+        probs = torch.softmax(logits, dim=-1)
+        probs.exponential_()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del tmp, hidden, logits, probs, ids, pos, meta
+        for layer in self.attn_layers:
+            layer.k_cache = layer.v_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        return peak
 
     def zero_blocks(self, block_ids: list[int]) -> None:
         """Clears newly handed-out blocks so stale or uninitialised memory never reaches attention."""
@@ -94,6 +144,37 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
+
+    def _block_table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max(len(t) for t in tables)
+        table = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = t
+        host = torch.from_numpy(table)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
+
+    def _metadata(self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], slots: list[int],
+                  num_decodes: int) -> AttentionMetadata:
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        return AttentionMetadata(
+            slot_mapping=self._to_device(slots, torch.int64),
+            query_start_loc=self._to_device(qsl, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            block_tables=self._block_table_tensor(tables),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            num_decodes=num_decodes, num_decode_tokens=num_decodes,
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -108,55 +189,64 @@ class ModelRunner:
         for item in items:
             r, start, n = item.request, item.request.num_computed_tokens, item.num_new_tokens
             flat_start = len(input_ids)
-            all_ids = r.all_token_ids
-            input_ids.extend(all_ids[start:start + n])
-            positions.extend(range(start, start + n))
             blocks = r.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                input_ids.append(r.token_id_at(start))
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(r.all_token_ids[start:start + n])
+                positions.extend(range(start, start + n))
+                slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
             query_lens.append(n)
             seq_lens.append(start + n)
             tables.append(blocks)
             if item.samples:
                 logits_rows.append(len(input_ids) - 1)
                 sampling.append(item)
-            want = r.sampling_params.prompt_logprobs
-            if want is not None and r.prompt_logprobs is not None:
+            if r.sampling_params.prompt_logprobs is not None and r.prompt_logprobs is not None:
                 # Positions p predict token p + 1; only prompt tokens not yet scored.
                 first = len(r.prompt_logprobs) - 1
                 last = min(start + n, r.num_prompt_tokens - 1)
-                if first < last and first >= start:
+                if start <= first < last:
                     prompt_lp.append((item, flat_start + first - start, last - first))
-
-        dev = self.device
-        max_blocks = max(len(t) for t in tables)
-        table = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
         # Decodes lead (the sort above), so they are the first num_decodes sequences.
         num_decodes = sum(1 for q in query_lens if q == 1)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=table.to(dev, non_blocking=True),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            num_decodes=num_decodes, num_decode_tokens=num_decodes,
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
-        ids_t = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
-        hidden = self.model(ids_t, pos_t, meta)  # [T, hidden]
+        num_seqs = len(query_lens)
+
+        if (self.graphs is not None and num_decodes == num_seqs and not prompt_lp
+                and self.graphs.bucket(num_seqs) is not None):
+            logits = self.graphs.replay(
+                num_seqs, self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
+                self._to_device(slots, torch.int64), self._to_device(seq_lens, torch.int32),
+                self._block_table_tensor(tables)).float()
+            hidden = None
+        else:
+            meta = self._metadata(query_lens, seq_lens, tables, slots, num_decodes)
+            ids_t = self._to_device(input_ids, torch.int64)
+            pos_t = self._to_device(positions, torch.int64)
+            hidden = self.model(ids_t, pos_t, meta)  # [T, hidden]
+            logits = None
+            if sampling:
+                rows = self._to_device(logits_rows, torch.int64)
+                logits = self.model.compute_logits(hidden[rows]).float()  # [S, V]
 
         result = StepResult(sampled={}, logprobs={}, prompt_logprobs={})
         if sampling:
-            rows = torch.tensor(logits_rows, dtype=torch.int64, device=dev)
-            logits = self.model.compute_logits(hidden[rows]).float()  # [S, V]
             self._sample(logits, sampling, result)
         for item, first, count in prompt_lp:
             self._prompt_logprobs(hidden[first:first + count], item, result)
         return result
+
+    def capture_cuda_graphs(self) -> None:
+        """Captures decode graphs when the device and backend allow it and enforce_eager is off."""
+        if (self.device.type != "cuda" or self.model_config.enforce_eager
+                or not getattr(self.backend, "supports_cuda_graphs", False)):
+            return
+        max_blocks = -(-self.model_config.max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, min(self.max_num_seqs, 512), max_blocks,
+                                   self.model_config.max_model_len, self.device)
+        self.graphs.capture()
 
     def _generator(self, item: ScheduledRequest) -> torch.Generator | None:
         r = item.request
