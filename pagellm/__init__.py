@@ -1,6 +1,11 @@
 """pagellm: LLM inference with a paged KV cache and continuous batching."""
 
-from pagellm.entrypoints.llm import LLM
+from pagellm.logger import init_logging
+
+init_logging()
+
+
+from pagellm.entrypoints.llm import LLM  # noqa: E402
 from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagellm.sampling_params import BeamSearchParams, SamplingParams
 

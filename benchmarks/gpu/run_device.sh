@@ -9,7 +9,7 @@ Q=benchmarks/configs/qwen3-0.6b; L=benchmarks/configs/llama-3.1-8b
 for s in $STAGES; do case $s in
 check) timeout 240 python3 benchmarks/gpu/check_backends.py 2>&1 | tee $OUT/check.log | grep -E "PASS|FAIL|Error|error" ;;
 kernels) timeout 200 python3 -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_sampler.py 2>&1 | tail -3 ;;
-thr) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 --output-json $OUT/thr.json 2>&1 | tee $OUT/thr.log | tail -2
+thr) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 --output-json $OUT/thr.json $PROFILE 2>&1 | tee $OUT/thr.log | grep -E "Throughput|KV cache:|captured|memory profile"
      timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --num-prompts 64 --output-len 512 --max-model-len 4096 2>&1 | tail -1 ;;
 thr8b) timeout 200 python3 -m pagellm.benchmarks.throughput --model $L --load-format dummy --dtype bfloat16 --workload gpu-8b-thr --max-model-len 4096 --output-json $OUT/thr8b.json 2>&1 | tail -1 ;;
 lat) timeout 200 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 --output-json $OUT/lat.json 2>&1 | tee $OUT/lat.log | tail -1 ;;

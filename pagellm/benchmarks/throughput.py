@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-json", default=None)
+    parser.add_argument("--profile", action="store_true", help="print where host time goes (cProfile)")
 
 
 def build_workload(args: argparse.Namespace) -> Workload:
@@ -70,9 +71,18 @@ def main(args: argparse.Namespace) -> None:
               for m in work.max_tokens]
     # Warm-up: a short call so one-time costs stay out of the figure.
     llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)] * 2, use_tqdm=False)
+    profiler = None
+    if args.profile:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    if profiler is not None:
+        import pstats
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     result = {
         "elapsed_time": elapsed, "num_requests": len(outs), "prompt_tokens": work.num_prompt_tokens,

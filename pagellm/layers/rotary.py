@@ -38,7 +38,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim or head_dim
         t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [P, rotary_dim / 2]
+        freqs = torch.outer(t, inv_freq.to(t.device))  # [P, rotary_dim / 2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [P, rotary_dim]
         # [P, 2, rotary_dim] fp32: cos and sin, each over the full rotary width.
         self.register_buffer("cos_sin_cache", torch.stack([emb.cos() * scaling, emb.sin() * scaling], dim=1),

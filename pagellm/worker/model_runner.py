@@ -19,6 +19,7 @@ from pagellm.layers.attention import AttentionMetadata, get_attention_backend
 from pagellm.layers.attention.layer import PagedAttention
 from pagellm.layers.sampler import Sampler, SamplingBatch, gather_logprobs
 from pagellm.worker.cuda_graphs import DecodeGraphs
+from pagellm.worker.staging import StagingBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.backend = self.backend
         self.graphs: DecodeGraphs | None = None
+        self.staging = StagingBuffers(device)
         self.num_blocks = self._allocate_kv_cache()
         self.capture_cuda_graphs()
 
@@ -146,21 +148,15 @@ class ModelRunner:
         self.generators.pop(request_id, None)
 
     # ---- inputs -----------------------------------------------------------------------------
-    def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
-        host = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host
+    def _to_device(self, values, dtype: torch.dtype, name: str) -> torch.Tensor:
+        return self.staging.put(name, values, dtype)
 
     def _block_table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
         width = max(len(t) for t in tables)
         table = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):
             table[i, :len(t)] = t
-        host = torch.from_numpy(table)
-        if self.device.type == "cuda":
-            return host.pin_memory().to(self.device, non_blocking=True)
-        return host
+        return self.staging.put("block_tables", table, torch.int32)
 
     def _metadata(self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]], slots: list[int],
                   num_decodes: int) -> AttentionMetadata:
@@ -168,9 +164,9 @@ class ModelRunner:
         for q in query_lens:
             qsl.append(qsl[-1] + q)
         return AttentionMetadata(
-            slot_mapping=self._to_device(slots, torch.int64),
-            query_start_loc=self._to_device(qsl, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
+            slot_mapping=self._to_device(slots, torch.int64, "slots"),
+            query_start_loc=self._to_device(qsl, torch.int32, "qsl"),
+            seq_lens=self._to_device(seq_lens, torch.int32, "seq_lens"),
             block_tables=self._block_table_tensor(tables),
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             num_decodes=num_decodes, num_decode_tokens=num_decodes,
@@ -179,6 +175,7 @@ class ModelRunner:
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
+        self.staging.begin_step()
         # Decodes (one new token) first: backends batch them together.
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
         input_ids, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
@@ -217,20 +214,21 @@ class ModelRunner:
         if (self.graphs is not None and num_decodes == num_seqs and not prompt_lp
                 and self.graphs.bucket(num_seqs) is not None):
             logits = self.graphs.replay(
-                num_seqs, self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
-                self._to_device(slots, torch.int64), self._to_device(seq_lens, torch.int32),
-                self._block_table_tensor(tables)).float()
+                num_seqs, self._to_device(input_ids, torch.int64, "ids"),
+                self._to_device(positions, torch.int64, "positions"), self._to_device(slots, torch.int64, "slots"),
+                self._to_device(seq_lens, torch.int32, "seq_lens"), self._block_table_tensor(tables)).float()
             hidden = None
         else:
             meta = self._metadata(query_lens, seq_lens, tables, slots, num_decodes)
-            ids_t = self._to_device(input_ids, torch.int64)
-            pos_t = self._to_device(positions, torch.int64)
+            ids_t = self._to_device(input_ids, torch.int64, "ids")
+            pos_t = self._to_device(positions, torch.int64, "positions")
             hidden = self.model(ids_t, pos_t, meta)  # [T, hidden]
             logits = None
             if sampling:
-                rows = self._to_device(logits_rows, torch.int64)
+                rows = self._to_device(logits_rows, torch.int64, "rows")
                 logits = self.model.compute_logits(hidden[rows]).float()  # [S, V]
 
+        self.staging.end_step()
         result = StepResult(sampled={}, logprobs={}, prompt_logprobs={})
         if sampling:
             self._sample(logits, sampling, result)
