@@ -327,7 +327,7 @@ def test_logprobs_zero_gives_only_sampled() -> None:
     assert out.topk_token_ids is None and out.topk_logprobs is None
     assert out.sampled_ranks is not None
     none = Sampler()(logits, build([SamplingParams()] * 2, 10))
-    assert none.sampled_ranks is None and none.sampled_logprobs.shape == (2,)
+    assert none.sampled_ranks is None and none.sampled_logprobs is None  # skipped when nobody asks
 
 
 def test_gather_logprobs() -> None:

@@ -66,6 +66,7 @@ class LLMEngine:
         self.inputs = InputProcessor(self.tokenizer, mc.max_model_len, spec.vocab_size)
         self.outputs = OutputProcessor(self.tokenizer, mc.max_model_len)
         self.groups: dict[str, list[Request]] = {}
+        self.final_only: set[str] = set()
         self._ids = itertools.count()
         self.num_preemptions = 0
         self.prompt_tokens_total = 0
@@ -120,8 +121,13 @@ class LLMEngine:
         return text, ids
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    arrival_time: float | None = None, validated: tuple[str | None, list[int]] | None = None) -> None:
-        """Queues a request (n sequences for n > 1). Raises ValueError on bad input, queueing nothing."""
+                    arrival_time: float | None = None, validated: tuple[str | None, list[int]] | None = None,
+                    stream: bool = True) -> None:
+        """Queues a request (n sequences for n > 1). Raises ValueError on bad input, queueing nothing.
+
+        With `stream=False` (vLLM's FINAL_ONLY outputs) step() reports the request only when it
+        finishes, which spares building an output per token.
+        """
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = validated or self.validate(prompt, params)
@@ -140,12 +146,15 @@ class LLMEngine:
             self.outputs.init_request(child)
             children.append(child)
         self.groups[request_id] = children
+        if not stream:
+            self.final_only.add(request_id)
         for child in children:
             self.scheduler.add_request(child)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Stops requests now and frees their KV blocks. Unknown ids are ignored."""
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.final_only.discard(rid)
             for child in self.groups.pop(rid, []):
                 if not child.is_finished:
                     self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
@@ -187,13 +196,17 @@ class LLMEngine:
                 r.metrics.finished_time = time.time()
                 self.scheduler.finish(r, status)
                 self.runner.release(r.request_id)
-            touched[r.parent_id] = None
+            if status is not None or r.parent_id not in self.final_only:
+                touched[r.parent_id] = None
         outputs = []
         for parent_id in touched:
             children = self.groups[parent_id]
+            if parent_id in self.final_only and not all(c.is_finished for c in children):
+                continue
             out = self.outputs.request_output(children)
             if out.finished:
                 del self.groups[parent_id]
+                self.final_only.discard(parent_id)
             outputs.append(out)
         return outputs
 

@@ -107,7 +107,7 @@ class LLM:
         ids = []
         for prompt, sp, checked in zip(prompts, params, validated):
             rid = engine.new_request_id()
-            engine.add_request(rid, prompt, sp, validated=checked)
+            engine.add_request(rid, prompt, sp, validated=checked, stream=False)
             ids.append(rid)
         finished: dict[str, RequestOutput] = {}
         bar = _progress_bar(len(ids)) if use_tqdm else None

