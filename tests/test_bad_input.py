@@ -191,18 +191,18 @@ def test_bad_engine_arguments(tiny_llama_dir: Path, kwargs, field) -> None:
 def test_failure_mid_generation_leaves_engine_usable(tiny_llm, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception inside a step (here: the model) aborts that call's requests, nothing else."""
     runner = tiny_llm.llm_engine.runner
-    original = runner.execute
+    original = runner.launch
     calls = {"n": 0}
 
-    def failing(sched):
+    def failing(sched, previous=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated failure in the forward pass")
-        return original(sched)
+        return original(sched, previous)
 
-    monkeypatch.setattr(runner, "execute", failing)
+    monkeypatch.setattr(runner, "launch", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         tiny_llm.generate([GOOD] * 4, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    monkeypatch.setattr(runner, "execute", original)
+    monkeypatch.setattr(runner, "launch", original)
     assert runner.generators == {}
     _still_works(tiny_llm)

@@ -6,6 +6,11 @@ target under one token budget. Running requests go first (their decode tokens, o
 chunk of a long prompt), then waiting ones, in arrival order. When the KV pool runs dry the
 most recently admitted running request is preempted: its blocks are freed and it is recomputed
 later from its prompt and outputs, so it is never lost or duplicated.
+
+Prefix caching lives in the KV cache manager; the scheduler's part is to ask it, when it admits
+a request, which leading blocks are already computed (so only the rest is scheduled), and to
+let it register the blocks that earlier steps filled. Siblings of an n > 1 request wait until
+the first sibling has computed the prompt, then share its blocks.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """Whether this step reaches the end of the request's known tokens, so a token is sampled."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens_with_pending
 
 
 @dataclass
@@ -62,6 +67,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Picks the next step's work and allocates its KV blocks. Mutates block_ids and status."""
         out = SchedulerOutput()
+        # Blocks that earlier steps filled become findable before anyone is admitted.
+        for request in self.running:
+            self.kv_cache.cache_full_blocks(request)
         budget = self.config.max_num_batched_tokens
         kept: list[Request] = []
         running = list(self.running)
@@ -70,7 +78,10 @@ class Scheduler:
             if budget == 0:
                 kept.append(request)
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_pending and not request.may_need_more_tokens:
+                kept.append(request)  # finishes once its pending tokens are read
+                continue
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
             while not self.kv_cache.allocate_slots(request, num_new):
                 # Preempt the newest running request (possibly this one) to free blocks.
                 victim = running.pop() if running else request
@@ -85,19 +96,48 @@ class Scheduler:
         self.running = kept
 
         if not out.preempted:
+            deferred: list[Request] = []
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 request = self.waiting[0]
-                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-                if not self.config.enable_chunked_prefill and num_new < request.num_tokens:
+                if request.num_pending:
+                    break  # its last token is still on the GPU; admitted once it has been read
+                if self._waits_for_fork_source(request):
+                    deferred.append(self.waiting.popleft())
+                    continue
+                computed = self.kv_cache.find_computed_blocks(request)
+                remaining = request.num_tokens - request.num_computed_tokens
+                remaining -= len(computed or ()) * self.kv_cache.block_size
+                num_new = min(remaining, budget)
+                if not self.config.enable_chunked_prefill and num_new < remaining:
                     break
-                if not self.kv_cache.allocate_slots(request, num_new):
+                if not self.kv_cache.allocate_slots(request, num_new, computed):
                     break
                 self.waiting.popleft()
+                request.fork_source = None
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
                 out.scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
+            # Deferred siblings keep their place at the head of the queue.
+            self.waiting.extendleft(reversed(deferred))
         return out
+
+    def _waits_for_fork_source(self, request: Request) -> bool:
+        """Whether a forked sibling should wait for its source to compute the shared prompt blocks.
+
+        Admitting it earlier would compute the same prompt twice. It stops waiting once the
+        source has computed them or has finished (its blocks are then in the prefix cache, if
+        that is on), or when there is nothing to share.
+        """
+        source = request.fork_source
+        if source is None:
+            return False
+        shareable = self.kv_cache.num_shareable_blocks(request)
+        if source.is_finished or shareable == 0 or request.num_computed_tokens > 0:
+            request.fork_source = None
+            return False
+        computed_blocks = min(source.num_computed_tokens // self.kv_cache.block_size, len(source.block_ids))
+        return computed_blocks < shareable
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)

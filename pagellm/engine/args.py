@@ -30,6 +30,7 @@ class EngineArgs:
     device: str = "auto"
     attention_backend: str | None = None
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False
     served_model_name: str | None = None
@@ -43,6 +44,8 @@ class EngineArgs:
             raise ValueError(f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool; got {self.enable_prefix_caching!r}")
         parse_dtype(self.dtype)
         parse_memory_size(self.kv_cache_memory, "kv_cache_memory")
 
@@ -54,16 +57,20 @@ class EngineArgs:
         return torch.device(self.device)
 
     def resolve_dtype(self, hf_config, device: torch.device) -> torch.dtype:
-        """'auto': the checkpoint's half-precision dtype if it has one, else bfloat16."""
+        """'auto': the checkpoint's half-precision dtype if it names one (fp16 becomes bf16 on the
+        CPU); otherwise bfloat16 on GPUs and float32 on the CPU (a dequantized GGUF names none, and
+        small models such as SmolLM2-135M lose their answers in bf16)."""
         dtype = parse_dtype(self.dtype)
         if dtype is not None:
             return dtype
         stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         if isinstance(stored, str):
             stored = parse_dtype(stored) if stored != "auto" else None
-        if stored == torch.float16 and device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16
+        if stored == torch.float16:
+            return torch.float16 if device.type == "cuda" else torch.bfloat16
+        if stored == torch.bfloat16:
+            return torch.bfloat16
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def create_model_config(self, source, architecture: str, spec, device: torch.device) -> ModelConfig:
         limit = spec.max_position

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +36,14 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    # Prefix cache, in tokens (vLLM's counters): prompt tokens looked up at admission, and
+    # those found already computed.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class LLMEngine:
@@ -58,7 +67,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, mc, self.cache_config, device, args.attention_backend,
                                   max_num_seqs=self.scheduler_config.max_num_seqs,
                                   max_num_batched_tokens=self.scheduler_config.max_num_batched_tokens)
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, self.cache_config.block_size)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, self.cache_config.block_size,
+                                       enable_prefix_caching=args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache)
         self.tokenizer = source.tokenizer
         self.generation_config = source.generation_config or {}
@@ -67,6 +77,11 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, mc.max_model_len)
         self.groups: dict[str, list[Request]] = {}
         self.final_only: set[str] = set()
+        # Steps overlap host and device work on CUDA (see step()).
+        # PAGELLM_ASYNC_STEPS: "0" turns it off, "force" turns it on everywhere (tests on the CPU).
+        mode = os.environ.get("PAGELLM_ASYNC_STEPS", "1")
+        self.async_steps = mode == "force" or (device.type == "cuda" and mode != "0")
+        self._in_flight = None
         self._ids = itertools.count()
         self.num_preemptions = 0
         self.prompt_tokens_total = 0
@@ -145,6 +160,9 @@ class LLMEngine:
                             arrival, parent_id=request_id, index=i)
             self.outputs.init_request(child)
             children.append(child)
+        # Siblings share the prompt's blocks once the first one has computed them.
+        for child in children[1:]:
+            child.fork_source = children[0]
         self.groups[request_id] = children
         if not stream:
             self.final_only.add(request_id)
@@ -159,36 +177,80 @@ class LLMEngine:
                 if not child.is_finished:
                     self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
                 self.runner.release(child.request_id)
+        if not self.groups:
+            self._in_flight = None  # nothing left that its tokens could update
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        return bool(self.groups) or self._in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.groups)
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns a RequestOutput for each request it advanced (cumulative)."""
+        """Runs one batch; returns a RequestOutput for each request it advanced (cumulative).
+
+        On CUDA the step is asynchronous: it launches step N, then reads and applies step N-1's
+        tokens while the device works, so host work overlaps device work. Steps whose sampling
+        needs the previous tokens' values on the host (penalties, min_tokens, logprobs) run
+        synchronously.
+        """
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
+        outputs: list[RequestOutput] = []
+        sync = not self.async_steps or any(self._needs_sync(item.request) for item in sched.scheduled)
+        if self._in_flight is not None and sync:
+            outputs += self._apply(self._in_flight)
+            self._in_flight = None
+            # Requests that finished just now were scheduled in vain; their blocks are already free.
+            sched.scheduled = [item for item in sched.scheduled if not item.request.is_finished]
         if sched.is_empty:
-            return []
+            if self._in_flight is not None:
+                outputs += self._apply(self._in_flight)
+                self._in_flight = None
+            return outputs
         scheduled_time = time.time()  # before the forward pass, so queueing and prefill time separate
         self.runner.zero_blocks(self.kv_cache.take_new_blocks())
-        result = self.runner.execute(sched)
-        touched: dict[str, None] = {}
+        launched = self.runner.launch(sched, self._in_flight)
         for item in sched.scheduled:
             r = item.request
             if r.metrics.first_scheduled_time is None:
                 r.metrics.first_scheduled_time = scheduled_time
             if r.num_computed_tokens < r.num_prompt_tokens:
                 self.prompt_tokens_total += min(item.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens)
+            if item.samples:
+                r.num_pending += 1
             r.num_computed_tokens += item.num_new_tokens
-            if r.request_id in result.prompt_logprobs:
+        launched.scheduled = sched.scheduled
+        if self._in_flight is not None:
+            outputs += self._apply(self._in_flight)
+        if sync:
+            outputs += self._apply(launched)
+            self._in_flight = None
+        else:
+            self._in_flight = launched
+        return outputs
+
+    @staticmethod
+    def _needs_sync(request: Request) -> bool:
+        p = request.sampling_params
+        return (p.logprobs is not None or p.prompt_logprobs is not None or p.min_tokens > 0
+                or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0)
+
+    def _apply(self, step) -> list[RequestOutput]:
+        """Reads a launched step's tokens and applies them: detokenize, stop checks, outputs."""
+        result = step.resolve()
+        touched: dict[str, None] = {}
+        for item in step.scheduled:
+            r = item.request
+            if r.request_id in result.prompt_logprobs and not r.is_finished:
                 self.outputs.append_prompt_logprobs(r, result.prompt_logprobs[r.request_id])
             token = result.sampled.get(r.request_id)
             if token is None:
                 continue
+            r.num_pending -= 1
+            if r.is_finished:
+                continue  # finished (or aborted) while this step was in flight
             self.generation_tokens_total += 1
             status = self.outputs.append_token(r, token, result.logprobs.get(r.request_id))
             if status is not None:
@@ -200,7 +262,9 @@ class LLMEngine:
                 touched[r.parent_id] = None
         outputs = []
         for parent_id in touched:
-            children = self.groups[parent_id]
+            children = self.groups.get(parent_id)
+            if children is None:
+                continue
             if parent_id in self.final_only and not all(c.is_finished for c in children):
                 continue
             out = self.outputs.request_output(children)
@@ -214,4 +278,14 @@ class LLMEngine:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                            kv_cache_usage=self.kv_cache.usage, num_used_blocks=self.kv_cache.num_used_blocks,
                            num_blocks=self.kv_cache.num_blocks, num_preemptions=self.num_preemptions,
-                           prompt_tokens=self.prompt_tokens_total, generation_tokens=self.generation_tokens_total)
+                           prompt_tokens=self.prompt_tokens_total, generation_tokens=self.generation_tokens_total,
+                           prefix_cache_queries=self.kv_cache.stats.queries,
+                           prefix_cache_hits=self.kv_cache.stats.hits)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets the cached KV blocks no request holds (the hit counters keep counting).
+
+        Returns True if the cache is now empty, False if blocks held by running requests stay
+        cached.
+        """
+        return self.kv_cache.reset_prefix_cache()

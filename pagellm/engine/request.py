@@ -48,8 +48,23 @@ class Request:
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        # Tokens sampled on the GPU whose values the host has not read yet (asynchronous steps).
+        self.num_pending = 0
         self.block_ids: list[int] = []
         self.num_preemptions = 0
+        # Prefix caching (core/kv_cache.py). Chained hashes of the full blocks of all_token_ids
+        # seen so far (content-derived, so they survive preemption); how many leading blocks of
+        # block_ids are registered in the cache; inputs other than token ids that change the KV
+        # (a LoRA id, a cache salt), mixed into every block hash.
+        self.block_hashes: list[int] = []
+        self.num_cached_blocks = 0
+        self.cache_extra_keys: tuple | None = None
+        # Prompt tokens served from the prefix cache (or a sibling) at the first admission.
+        self.num_cached_tokens = 0
+        # For a sibling of an n > 1 request: the sibling that computes the shared prompt. The
+        # scheduler admits this one once the source has computed the prompt's full blocks, and
+        # it then shares them instead of computing them again.
+        self.fork_source: Request | None = None
         # Cap so that the sequence never outgrows the model's context.
         budget = max_model_len - len(prompt_token_ids)
         self.max_tokens = budget if sampling_params.max_tokens is None else min(sampling_params.max_tokens, budget)
@@ -73,6 +88,15 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def may_need_more_tokens(self) -> bool:
+        """False once the pending tokens reach max_tokens: the request will finish when they are read."""
+        return len(self.output_token_ids) + self.num_pending < self.max_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

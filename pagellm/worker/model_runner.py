@@ -38,6 +38,38 @@ class StepResult:
     prompt_logprobs: dict[str, list[tuple[int, float, int, list[tuple[int, float]]]]]
 
 
+class PendingStep:
+    """A launched step whose sampled tokens are still on the device.
+
+    `resolve()` waits for them (the step's one host-device sync) and returns the StepResult.
+    Steps that need logprobs are resolved at launch.
+    """
+
+    def __init__(self, request_ids: list[str], sampled: torch.Tensor | None, result: StepResult) -> None:
+        self.request_ids = request_ids
+        self.scheduled: list[ScheduledRequest] = []  # set by the engine after launch
+        self.sampled = sampled  # [S] int64 on the device, rows in request_ids order
+        self.result = result
+        self._host: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        if sampled is not None and sampled.is_cuda:
+            self._host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            self._host.copy_(sampled, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def resolve(self) -> StepResult:
+        if self.sampled is not None:
+            if self._ready is not None:
+                self._ready.synchronize()
+                tokens = self._host.tolist()
+            else:
+                tokens = self.sampled.tolist()
+            self.result.sampled = dict(zip(self.request_ids, tokens))
+            self.sampled = None
+        return self.result
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
                  device: torch.device, attention_backend: str | None = None, max_num_seqs: int = 256,
@@ -173,11 +205,22 @@ class ModelRunner:
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
 
     # ---- one step ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
+        """Runs a step and waits for its results."""
+        return self.launch(sched).resolve()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
+        """Enqueues a step on the device. Decode tokens still pending in `previous` (sampled there,
+        not yet read by the host) are taken from its device tensor, so no sync is needed."""
         self.staging.begin_step()
+        prev_rows = ({rid: i for i, rid in enumerate(previous.request_ids)}
+                     if previous is not None and previous.sampled is not None else {})
+        pending_flat: list[int] = []  # flat token index filled from previous.sampled
+        pending_rows: list[int] = []
         # Decodes (one new token) first: backends batch them together.
-        items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
+        # (The torch backend also wants them by length, to group similar contexts.)
+        items = sorted(sched.scheduled, key=lambda s: (s.num_new_tokens != 1, s.request.num_computed_tokens))
         input_ids, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
         logits_rows: list[int] = []   # flat token index whose logits are sampled, per sampling request
         sampling: list[ScheduledRequest] = []
@@ -187,7 +230,14 @@ class ModelRunner:
             r, start, n = item.request, item.request.num_computed_tokens, item.num_new_tokens
             flat_start = len(input_ids)
             blocks = r.block_ids
-            if n == 1:
+            if n == 1 and start == r.num_tokens:
+                # Sampled by the previous step; its value is still on the device.
+                pending_flat.append(len(input_ids))
+                pending_rows.append(prev_rows[r.request_id])
+                input_ids.append(0)
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            elif n == 1:
                 input_ids.append(r.token_id_at(start))
                 positions.append(start)
                 slots.append(blocks[start // bs] * bs + start % bs)
@@ -211,16 +261,19 @@ class ModelRunner:
         num_decodes = sum(1 for q in query_lens if q == 1)
         num_seqs = len(query_lens)
 
+        ids_t = self._to_device(input_ids, torch.int64, "ids")
+        if pending_flat:
+            index = self._to_device(pending_flat, torch.int64, "pending_flat")
+            ids_t[index] = previous.sampled[self._to_device(pending_rows, torch.int64, "pending_rows")]
         if (self.graphs is not None and num_decodes == num_seqs and not prompt_lp
                 and self.graphs.bucket(num_seqs) is not None):
             logits = self.graphs.replay(
-                num_seqs, self._to_device(input_ids, torch.int64, "ids"),
+                num_seqs, ids_t,
                 self._to_device(positions, torch.int64, "positions"), self._to_device(slots, torch.int64, "slots"),
                 self._to_device(seq_lens, torch.int32, "seq_lens"), self._block_table_tensor(tables)).float()
             hidden = None
         else:
             meta = self._metadata(query_lens, seq_lens, tables, slots, num_decodes)
-            ids_t = self._to_device(input_ids, torch.int64, "ids")
             pos_t = self._to_device(positions, torch.int64, "positions")
             hidden = self.model(ids_t, pos_t, meta)  # [T, hidden]
             logits = None
@@ -230,11 +283,10 @@ class ModelRunner:
 
         self.staging.end_step()
         result = StepResult(sampled={}, logprobs={}, prompt_logprobs={})
-        if sampling:
-            self._sample(logits, sampling, result)
+        sampled = self._sample(logits, sampling, result) if sampling else None
         for item, first, count in prompt_lp:
             self._prompt_logprobs(hidden[first:first + count], item, result)
-        return result
+        return PendingStep([s.request.request_id for s in sampling], sampled, result)
 
     def capture_cuda_graphs(self) -> None:
         """Captures decode graphs when the device and backend allow it and enforce_eager is off."""
@@ -258,7 +310,8 @@ class ModelRunner:
             self.generators[r.request_id] = gen
         return gen
 
-    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledRequest], result: StepResult) -> None:
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledRequest], result: StepResult) -> torch.Tensor:
+        """Samples on the device; returns the tokens [S] there. Logprobs, if asked, are read now."""
         reqs = [s.request for s in sampling]
         batch = SamplingBatch.build(
             params=[r.sampling_params for r in reqs],
@@ -268,19 +321,17 @@ class ModelRunner:
             stop_ids_for_min_tokens=[self._min_tokens_stop_ids(r) for r in reqs],
             vocab_size=logits.shape[-1], device=self.device)
         out = self.sampler(logits, batch)
-        tokens = out.sampled_token_ids.tolist()  # the step's one sync: outputs are needed now
-        want_lp = [r.sampling_params.logprobs for r in reqs]
         if out.sampled_logprobs is not None:
             lp = out.sampled_logprobs.tolist()
             ranks = out.sampled_ranks.tolist()
             top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
             top_lps = out.topk_logprobs.tolist() if out.topk_logprobs is not None else None
-        for i, r in enumerate(reqs):
-            result.sampled[r.request_id] = tokens[i]
-            k = want_lp[i]
-            if k is not None:
-                top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
-                result.logprobs[r.request_id] = (lp[i], ranks[i], top)
+            for i, r in enumerate(reqs):
+                k = r.sampling_params.logprobs
+                if k is not None:
+                    top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
+                    result.logprobs[r.request_id] = (lp[i], ranks[i], top)
+        return out.sampled_token_ids
 
     @staticmethod
     def _min_tokens_stop_ids(r) -> set[int]:

@@ -3,7 +3,8 @@
 Pinning memory per step costs more than the copy itself; with persistent pinned buffers each
 input is one memcpy into the buffer and one asynchronous host-to-device copy. Before a buffer is
 refilled, the event recorded after the previous step's copies is waited on, so an in-flight copy
-never reads a half-written buffer.
+never reads a half-written buffer. Two sets of buffers alternate, so filling step N's inputs waits
+only for step N-2, which has finished by then even when steps run asynchronously.
 """
 
 from __future__ import annotations
@@ -16,25 +17,30 @@ class StagingBuffers:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.pinned = device.type == "cuda"
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._copied: torch.cuda.Event | None = None
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._slot = 0
 
     def begin_step(self) -> None:
-        """Waits until the previous step's copies have left the host buffers."""
-        if self._copied is not None:
-            self._copied.synchronize()
-            self._copied = None
+        """Switches to the other buffer set and waits until its last copies have completed."""
+        self._slot ^= 1
+        event = self._copied[self._slot]
+        if event is not None:
+            event.synchronize()
+            self._copied[self._slot] = None
 
     def end_step(self) -> None:
         if self.pinned:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+            event = torch.cuda.Event()
+            event.record()
+            self._copied[self._slot] = event
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self._buffers.get(name)
+        key = (self._slot, name)
+        buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
             buf = torch.empty(max(numel, 1024), dtype=dtype, pin_memory=self.pinned)
-            self._buffers[name] = buf
+            self._buffers[key] = buf
         return buf
 
     def put(self, name: str, values, dtype: torch.dtype) -> torch.Tensor:

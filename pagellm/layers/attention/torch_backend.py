@@ -27,10 +27,13 @@ class TorchAttentionBackend(AttentionBackend):
 
         out = torch.empty_like(query)
         nd = meta.num_decodes
-        if nd > 0:
-            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta.block_tables[:nd],
-                                    meta.seq_lens[:nd], max(meta.seq_lens_cpu[:nd]), scale,
-                                    sliding_window, logits_soft_cap)
+        # Decodes arrive sorted by length; two groups roughly halve the padding each gathers.
+        bounds = [0, nd // 2, nd] if nd >= 16 else [0, nd]
+        for lo, hi in zip(bounds, bounds[1:]):
+            if hi > lo:
+                out[lo:hi] = self._decode(query[lo:hi], k_cache, v_cache, meta.block_tables[lo:hi],
+                                          meta.seq_lens[lo:hi], max(meta.seq_lens_cpu[lo:hi]), scale,
+                                          sliding_window, logits_soft_cap)
         start = meta.num_decode_tokens
         for s in range(nd, len(meta.query_lens_cpu)):
             q_len, ctx_len = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
@@ -43,8 +46,11 @@ class TorchAttentionBackend(AttentionBackend):
     @staticmethod
     def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
         # cache [NB, BS, Hkv, D], block_table [..., >= num_blocks] -> [..., num_blocks * BS, Hkv, D]
-        blocks = cache[block_table[..., :num_blocks].long()]  # [..., nb, BS, Hkv, D]
-        return blocks.flatten(-4, -3)
+        nb_total, bs, hkv, d = cache.shape
+        ids = block_table[..., :num_blocks]
+        # index_select on whole blocks is a plain row copy, faster than advanced indexing.
+        rows = cache.view(nb_total, bs * hkv * d).index_select(0, ids.reshape(-1))  # [n * nb, BS Hkv D]
+        return rows.view(*ids.shape[:-1], num_blocks * bs, hkv, d)
 
     def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, max_len, scale, window, soft_cap):
         # q [S, H, D]; one query per sequence at position seq_len - 1.
