@@ -11,8 +11,15 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without CUDA, Triton kernels run through its interpreter. The variable must be set before the
+# first `import triton` anywhere in the session: a kernel decorated in compiled mode cannot run
+# in the interpreter later.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 

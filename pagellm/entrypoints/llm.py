@@ -6,10 +6,11 @@ import time
 from typing import Any, Mapping, Sequence
 
 from pagellm.engine.args import EngineArgs
+from pagellm.engine.beam_search import BeamSearchOutput, run_beam_search
 from pagellm.engine.engine import LLMEngine
 from pagellm.engine.input_processor import PromptType
 from pagellm.outputs import RequestOutput
-from pagellm.sampling_params import SamplingParams
+from pagellm.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -18,7 +19,8 @@ class LLM:
     Args mirror vLLM's: model (HF folder, .gguf file, or None for SmolLM2-135M-Instruct), tokenizer,
     dtype, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory (CPU KV
     budget: bytes, GiB, or '4GiB'), gpu_memory_utilization, seed, enforce_eager, load_format
-    ('auto' | 'safetensors' | 'gguf' | 'dummy'), generation_config ('auto' | 'pagellm').
+    ('auto' | 'safetensors' | 'gguf' | 'dummy'), generation_config ('auto' | 'pagellm'),
+    enable_prefix_caching (reuse the KV of prompt prefixes seen before; on by default).
     """
 
     def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
@@ -26,7 +28,7 @@ class LLM:
                  max_num_batched_tokens: int | None = None, block_size: int = 16,
                  kv_cache_memory: int | float | str | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0, enforce_eager: bool = False, load_format: str = "auto",
-                 generation_config: str = "auto", **kwargs: Any) -> None:
+                 generation_config: str = "auto", enable_prefix_caching: bool = True, **kwargs: Any) -> None:
         kwargs.pop("trust_remote_code", None)
         if "kv_cache_memory_bytes" in kwargs:
             kv_cache_memory = kwargs.pop("kv_cache_memory_bytes")
@@ -38,7 +40,8 @@ class LLM:
             model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, enforce_eager=enforce_eager,
-            load_format=load_format, generation_config=generation_config, **kwargs)
+            load_format=load_format, generation_config=generation_config,
+            enable_prefix_caching=enable_prefix_caching, **kwargs)
         self.llm_engine = LLMEngine(self.engine_args)
 
     def get_tokenizer(self):
@@ -75,6 +78,27 @@ class LLM:
                                       chat_template_kwargs)
             prompts.append({"prompt": text, "prompt_token_ids": inputs.encode_chat(text)})
         return self._run(prompts, self._as_params_list(sampling_params, len(prompts)), use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (vLLM's API); returns outputs in prompt order.
+
+        Each output holds the best `params.beam_width` sequences, best first, each with the
+        prompt's tokens followed by the generated ones. Beams are scored as transformers'
+        `generate(num_beams=..., length_penalty=...)` scores them, with its early stopping
+        (`params.early_stopping` if BeamSearchParams has it: False, True or "never"; default False).
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams; got {type(params).__name__}")
+        engine = self.llm_engine
+        check = SamplingParams(max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
+        token_ids = [engine.validate(p, check)[1] for p in self._as_prompt_list(prompts)]
+        early_stopping = getattr(params, "early_stopping", False)
+        return run_beam_search(engine, token_ids, params, early_stopping=early_stopping, use_tqdm=use_tqdm)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forgets the prefix cache's blocks (those no request holds); True if it is now empty."""
+        return self.llm_engine.reset_prefix_cache()
 
     # ---- internals ----------------------------------------------------------------------------
     @staticmethod

@@ -9,9 +9,9 @@ Per-row pipeline, in this order:
 3. Greedy rows take the argmax. Random rows are divided by their temperature, then
    truncated by top-k, top-p and min-p, and sampled.
 
-Sampling inverts the CDF: one uniform number per row against ``cumsum(probs)`` draws a
+Sampling uses the exponential race: ``argmax(probs / q)`` with ``q = -log(u) ~ Exp(1)`` draws a
 token with probability ``probs`` and needs no sort and no host sync. A seeded row draws its
-number from its own generator, so its tokens do not depend on the other rows.
+own ``u`` from its own generator, so its tokens do not depend on the other rows.
 
 :class:`SamplingBatch` is built on the host once per step; :class:`Sampler` then runs
 only device ops and never syncs with the host (no ``.item()``, no boolean indexing).
@@ -253,7 +253,7 @@ class Sampler:
     """Chooses the next token per row from logits [S, V]; see the module docstring.
 
     Does not modify ``logits``. Draws from the default torch RNG for unseeded rows and
-    advances each seeded row's generator by one uniform draw per random step.
+    advances each seeded row's generator by V uniform draws per random step.
     """
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
@@ -322,7 +322,7 @@ class Sampler:
             scores.sub_(batch.presence_penalty.unsqueeze(-1) * (counts > 0).float())
 
     def _sample(self, scores: Tensor, batch: SamplingBatch) -> Tensor:
-        """Temperature, top-k, top-p, min-p, then an inverse-CDF draw; returns [S] int64."""
+        """Temperature, top-k, top-p, min-p, then an exponential-race draw; returns [S] int64."""
         # Greedy rows divide by 1 here; their result is replaced by the argmax anyway.
         temperature = torch.where(batch.temperature == 0.0, 1.0, batch.temperature)  # [S]
         scores = scores / temperature.unsqueeze(-1)  # [S, V], a fresh tensor we may edit
@@ -336,15 +336,16 @@ class Sampler:
             threshold = scores.amax(dim=-1, keepdim=True) + torch.log(batch.min_p).unsqueeze(-1)  # [S, 1]
             scores.masked_fill_(scores < threshold, float("-inf"))
 
-        # Inverse CDF: one uniform number per row instead of V exponentials (30x cheaper on the CPU).
-        cdf = scores.softmax(dim=-1).cumsum_(dim=-1)  # [S, V], non-decreasing
-        u = torch.rand(cdf.shape[0], 1, device=cdf.device)  # [S, 1], shared RNG for unseeded rows
+        # Exponential race: argmax(p / q), q ~ Exp(1) = -log(u). A flip needs two near-tied
+        # candidates, so tiny batch-dependent logit differences rarely change a seeded draw
+        # (inverse-CDF sampling accumulates them along the cumsum). rand + log is 6x faster on
+        # the CPU than exponential_.
+        probs = scores.softmax(dim=-1)  # [S, V]
+        u = torch.rand_like(probs)  # [S, V], shared RNG for unseeded rows
         for row, generator in batch.generators.items():
-            u[row] = torch.rand(1, generator=generator, device=cdf.device)
-        # Scaling by the last entry keeps u below the total despite rounding; right=True picks the
-        # first index whose cdf exceeds u, which never lands on a zero-probability token.
-        u = u * cdf[:, -1:]
-        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)  # [S]
+            u[row] = torch.rand(probs.shape[-1], generator=generator, device=probs.device)
+        race = u.log_().neg_()  # Exp(1); u = 0 gives inf, which only makes that token lose
+        return probs.div_(race).argmax(dim=-1)  # [S]
 
     @staticmethod
     def _apply_top_k(scores: Tensor, top_k: Tensor, max_top_k: int) -> None:
