@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-json", default=None)
     parser.add_argument("--profile", action="store_true", help="print where host time goes (cProfile)")
@@ -56,7 +57,8 @@ def make_llm(args: argparse.Namespace):
     return LLM(args.model, dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-               enforce_eager=args.enforce_eager, seed=args.seed, skip_tokenizer_init=True)
+               enforce_eager=args.enforce_eager, seed=args.seed, skip_tokenizer_init=True,
+               enable_prefix_caching=args.enable_prefix_caching)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -90,10 +92,14 @@ def main(args: argparse.Namespace) -> None:
         "output_tokens_per_second": out_tokens / elapsed,
         "tokens_per_second": (out_tokens + work.num_prompt_tokens) / elapsed, "startup_seconds": startup,
         "num_preemptions": llm.llm_engine.num_preemptions,
+        "prefix_cache_hit_rate": llm.llm_engine.stats().prefix_cache_hit_rate,
+        "mean_ttft_seconds": sum(o.metrics.first_token_time - o.metrics.arrival_time for o in outs) / len(outs),
     }
     print(f"Throughput: {result['requests_per_second']:.2f} requests/s, {result['tokens_per_second']:.2f} total "
           f"tokens/s, {result['output_tokens_per_second']:.2f} output tokens/s "
-          f"({out_tokens} output / {work.num_prompt_tokens} prompt tokens in {elapsed:.2f} s)")
+          f"({out_tokens} output / {work.num_prompt_tokens} prompt tokens in {elapsed:.2f} s; "
+          f"mean TTFT {result['mean_ttft_seconds'] * 1e3:.0f} ms, prefix-cache hit rate "
+          f"{result['prefix_cache_hit_rate']:.2f})")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)

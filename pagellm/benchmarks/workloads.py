@@ -50,6 +50,15 @@ def fixed_lengths(num: int, input_len: int, output_len: int, temperature: float,
     return Workload(prompts, [output_len] * num, temperature)
 
 
+def shared_prefix(num: int, prefix_len: int = 1000, suffix_len: int = 50, output_len: int = 64,
+                  temperature: float = 0.0, seed: int = 0) -> Workload:
+    """A chat-server pattern: every request repeats one system prompt, then adds its own tokens."""
+    rng = random.Random(seed)
+    prefix = [rng.randint(0, 9999) for _ in range(prefix_len)]
+    prompts = [prefix + [rng.randint(0, 9999) for _ in range(suffix_len)] for _ in range(num)]
+    return Workload(prompts, [output_len] * num, temperature)
+
+
 STANDARD = {
     # name: (builder, num_requests, prompt range, output range, temperature)
     "cpu-thr": (per_request_draw, 64, (50, 256), (50, 256), 0.6),
@@ -59,7 +68,9 @@ STANDARD = {
 
 
 def standard_workload(name: str, num_prompts: int | None = None) -> Workload:
+    if name == "shared-prefix":
+        return shared_prefix(num_prompts or 200)
     if name not in STANDARD:
-        raise ValueError(f"workload must be one of {', '.join(STANDARD)}; got {name!r}")
+        raise ValueError(f"workload must be one of {', '.join(STANDARD)}, shared-prefix; got {name!r}")
     builder, num, prompt_range, output_range, temperature = STANDARD[name]
     return builder(num_prompts or num, prompt_range, output_range, temperature)
