@@ -499,3 +499,19 @@ def test_bench_serve_against_server(server, tmp_path, endpoint, rate, concurrenc
             assert result[f"{stat}_{name}_ms"] >= 0.0
     assert result["mean_e2el_ms"] >= result["mean_ttft_ms"] > 0
     assert result["output_throughput"] > 0 and result["request_throughput"] > 0
+
+
+def test_prefix_cache_metrics_and_reset(server, auth, client):
+    """A repeated long prompt hits the prefix cache (counted in /metrics); the reset endpoint works."""
+    prompt = list(range(100, 180))  # 80 tokens = 5 full blocks
+    before = _metrics(server)
+    for _ in range(3):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    after = _metrics(server)
+    queries = after["pagellm:prefix_cache_queries_total{}"] - before["pagellm:prefix_cache_queries_total{}"]
+    hits = after["pagellm:prefix_cache_hits_total{}"] - before["pagellm:prefix_cache_hits_total{}"]
+    assert queries >= 3 * 79 and hits >= 2 * 64
+    assert httpx.post(server["base"] + "/reset_prefix_cache", headers=auth).status_code == 200
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    final = _metrics(server)
+    assert final["pagellm:prefix_cache_hits_total{}"] == after["pagellm:prefix_cache_hits_total{}"]

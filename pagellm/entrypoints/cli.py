@@ -41,6 +41,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="'auto': sampling defaults from the model's generation_config.json; "
                         "'pagellm'/'vllm': the engine's own defaults (default: auto)")
     g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
+    g.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
+                   help="reuse the KV blocks of repeated prompt prefixes (default: on)")
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn automatic prefix caching off")
     g.add_argument("--seed", type=int, default=0, help="random seed of the engine (default: 0)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
@@ -55,7 +59,8 @@ def engine_args_from(args: argparse.Namespace, model: str | None, served_model_n
                       gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
                       enforce_eager=args.enforce_eager, load_format=args.load_format,
                       generation_config=args.generation_config, device=args.device,
-                      served_model_name=served_model_name)
+                      served_model_name=served_model_name,
+                      enable_prefix_caching=getattr(args, "enable_prefix_caching", True))
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:

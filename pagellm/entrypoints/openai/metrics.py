@@ -48,14 +48,20 @@ class ServerMetrics:
                              labels, buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("pagellm:e2e_request_latency_seconds", "Time from arrival to the last token.",
                              labels, buckets=_E2E_BUCKETS, registry=r)
+        self.prefix_queries = Counter("pagellm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels, registry=r)
+        self.prefix_hits = Counter("pagellm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels,
+                                   registry=r)
         self._model = model_name
         # Engine totals already counted, so each step adds only its delta.
         self._prompt_seen = self._generation_seen = self._preemptions_seen = 0
+        self._prefix_queries_seen = self._prefix_hits_seen = 0
         # request id -> engine time of its latest token, for inter-token latency.
         self._last_token_time: dict[str, float] = {}
         # Export every series (as zero) from the start, so scrapers see them before traffic.
         for metric in (self.running, self.waiting, self.kv_usage, self.used_blocks, self.total_blocks,
-                       self.preemptions, self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e):
+                       self.preemptions, self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e,
+                       self.prefix_queries, self.prefix_hits):
             metric.labels(model_name)
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
@@ -98,6 +104,9 @@ class ServerMetrics:
         self._generation_seen = self._add_delta(self.generation_tokens, stats.generation_tokens,
                                                 self._generation_seen)
         self._preemptions_seen = self._add_delta(self.preemptions, stats.num_preemptions, self._preemptions_seen)
+        self._prefix_queries_seen = self._add_delta(self.prefix_queries, stats.prefix_cache_queries,
+                                                    self._prefix_queries_seen)
+        self._prefix_hits_seen = self._add_delta(self.prefix_hits, stats.prefix_cache_hits, self._prefix_hits_seen)
 
     def _add_delta(self, counter: Counter, total: int, seen: int) -> int:
         if total > seen:

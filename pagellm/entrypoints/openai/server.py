@@ -100,6 +100,12 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         metrics.update_stats(await engine.get_stats())
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        """Drops cached KV blocks that no running request holds (vLLM's endpoint)."""
+        await engine.run(engine.engine.reset_prefix_cache)
+        return Response(status_code=200)
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         cards = [ModelCard(id=name, root=_model_path(engine), max_model_len=completions.max_model_len)
