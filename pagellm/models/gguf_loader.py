@@ -28,12 +28,23 @@ class _ArchSpec:
     architecture: str  # the HF class name put in config.architectures
     model_type: str  # transformers model_type for AutoConfig.for_model
     interleaved_qk: bool  # llama.cpp's converter permuted q/k rows for this architecture
+    block_names: dict[str, str] | None = None  # per-block tensor names that differ from _BLOCK_NAMES
+    norm_plus_one: bool = False  # llama.cpp stored Gemma's (1 + w) norm weights; HF stores w
 
+
+# Gemma 2 / 3 blocks have four norms: ffn_norm is the pre-MLP one, not Llama's post-attention one.
+_GEMMA2_BLOCK_NAMES = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 
 _ARCHS: dict[str, _ArchSpec] = {
     "llama": _ArchSpec("LlamaForCausalLM", "llama", interleaved_qk=True),
     "qwen2": _ArchSpec("Qwen2ForCausalLM", "qwen2", interleaved_qk=False),
     "qwen3": _ArchSpec("Qwen3ForCausalLM", "qwen3", interleaved_qk=False),
+    "gemma3": _ArchSpec("Gemma3ForCausalLM", "gemma3_text", interleaved_qk=False,
+                        block_names=_GEMMA2_BLOCK_NAMES, norm_plus_one=True),
 }
 
 _TOP_LEVEL_NAMES = {
@@ -102,14 +113,15 @@ def _arch_spec(gguf: GGUFFile) -> tuple[str, _ArchSpec]:
     return arch, _ARCHS[arch]
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-    """HF checkpoint name for a llama.cpp tensor name, e.g. blk.3.attn_q.weight ->
-    model.layers.3.self_attn.q_proj.weight. Raises ValueError for names with no HF match."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
+    """HF checkpoint name for a llama.cpp tensor name of architecture `arch`, e.g. blk.3.attn_q.weight
+    -> model.layers.3.self_attn.q_proj.weight. Raises ValueError for names with no HF match."""
     match = _BLOCK_TENSOR.fullmatch(gguf_name)
     if match is not None:
         layer, part, suffix = match.groups()
-        if part in _BLOCK_NAMES:
-            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{suffix}"
+        block_names = {**_BLOCK_NAMES, **(_ARCHS[arch].block_names or {})} if arch in _ARCHS else _BLOCK_NAMES
+        if part in block_names:
+            return f"model.layers.{layer}.{block_names[part]}.{suffix}"
     else:
         stem, _, suffix = gguf_name.rpartition(".")
         if stem in _TOP_LEVEL_NAMES and suffix in ("weight", "bias"):
@@ -138,7 +150,7 @@ def gguf_hf_config(gguf: GGUFFile) -> Any:
         if name == "rope_freqs.weight":
             raise ValueError(f"GGUF file {gguf.path} uses per-frequency rope scaling "
                              f"(rope_freqs), which the GGUF loader does not support")
-        hf_tensor_name(name)
+        hf_tensor_name(name, arch)
     scaling = gguf.metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise ValueError(f"GGUF file {gguf.path} uses rope scaling {scaling!r}, "
@@ -172,12 +184,37 @@ def gguf_hf_config(gguf: GGUFFile) -> Any:
     )
     if spec.model_type == "llama":
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in gguf.tensors
+    if spec.model_type == "gemma3_text":
+        kwargs.update(_gemma3_config(gguf, arch, kwargs))
     special = _special_token_ids(gguf)
     if "bos" in special:
         kwargs["bos_token_id"] = special["bos"]
     if "eos" in special:
         kwargs["eos_token_id"] = special["eos"]
     return AutoConfig.for_model(spec.model_type, **kwargs)
+
+
+def _gemma3_config(gguf: GGUFFile, arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a Gemma 3 config needs beyond the common keys, with llama.cpp's fixed choices where the
+    file is silent: every 6th layer global, local RoPE base 10k, queries scaled by head_dim^-1/2."""
+    extra: dict[str, Any] = dict(
+        sliding_window=int(_require(gguf, f"{arch}.attention.sliding_window")),
+        query_pre_attn_scalar=kwargs["head_dim"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta")},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+    )
+    pattern = gguf.metadata.get(f"{arch}.attention.sliding_window_pattern")
+    if pattern is not None:
+        layers = kwargs["num_hidden_layers"]
+        if isinstance(pattern, np.ndarray):  # one flag per layer: True = sliding
+            sliding = [bool(v) for v in pattern.tolist()]
+        else:
+            sliding = [bool((i + 1) % int(pattern)) for i in range(layers)]
+        extra["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    softcap = gguf.metadata.get(f"{arch}.final_logit_softcapping")
+    if softcap is not None:
+        extra["final_logit_softcapping"] = _as_float(softcap)
+    return extra
 
 
 def gguf_generation_config(gguf: GGUFFile) -> dict[str, Any]:
@@ -212,15 +249,17 @@ def undo_rotary_interleave(weight: torch.Tensor, num_heads: int) -> torch.Tensor
 
 def iter_gguf_weights(gguf: GGUFFile, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor in the file, dequantized one at a time."""
-    _, spec = _arch_spec(gguf)
+    arch, spec = _arch_spec(gguf)
     permuted_heads = {"attn_q": hf_config.num_attention_heads,
                       "attn_k": hf_config.num_key_value_heads} if spec.interleaved_qk else {}
     for gguf_name in gguf.tensors:
-        hf_name = hf_tensor_name(gguf_name)
+        hf_name = hf_tensor_name(gguf_name, arch)
         tensor = torch.from_numpy(gguf.dequantize(gguf_name))
         block = _BLOCK_TENSOR.fullmatch(gguf_name)
         if block is not None and block.group(2) in permuted_heads:
             tensor = undo_rotary_interleave(tensor, permuted_heads[block.group(2)])
+        if spec.norm_plus_one and gguf_name.endswith("norm.weight"):
+            tensor = tensor - 1.0
         yield hf_name, tensor
 
 
@@ -235,6 +274,8 @@ def gguf_tokenizer(gguf: GGUFFile) -> Any:
     pre = gguf.metadata.get("tokenizer.ggml.pre", "default")
     if kind == "gpt2" and pre in _BPE_PRE:
         tokenizer = _byte_level_bpe_tokenizer(gguf, _BPE_PRE[pre])
+    elif kind == "llama" and gguf.metadata.get("general.architecture") in _SPM_BPE_ARCHS:
+        tokenizer = _sentencepiece_bpe_tokenizer(gguf)
     else:
         logger.info("GGUF tokenizer %r/%r: using transformers' GGUF conversion", kind, pre)
         tokenizer = _transformers_gguf_tokenizer(gguf)
@@ -251,6 +292,73 @@ def _transformers_gguf_tokenizer(gguf: GGUFFile) -> Any:
         return AutoTokenizer.from_pretrained(str(gguf.path.parent), gguf_file=gguf.path.name)
     except Exception as exc:  # transformers raises many types for unknown vocabularies
         raise ValueError(f"cannot build a tokenizer from GGUF file {gguf.path}: {exc}") from exc
+
+
+# Architectures whose "llama" (SentencePiece) vocabulary is a BPE model, built here directly:
+# transformers' GGUF conversion treats Gemma's vocabulary as Unigram, which splits words differently.
+_SPM_BPE_ARCHS = ("gemma3",)
+_TOKEN_NORMAL = 1
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _sentencepiece_merges(tokens: list[str], scores: np.ndarray, token_types: np.ndarray | None
+                          ) -> list[tuple[str, str]]:
+    """BPE merges that reproduce SentencePiece BPE: llama.cpp (and SentencePiece) repeatedly merge the
+    adjacent pair whose joined piece has the highest score, so every split of a normal piece into two
+    vocabulary pieces is a merge, ranked by the joined piece's score."""
+    vocab = {token: i for i, token in enumerate(tokens)}
+    ranked: list[tuple[float, int, str, str]] = []
+    for index, piece in enumerate(tokens):
+        if token_types is not None and token_types[index] != _TOKEN_NORMAL:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(scores[index]), index, left, right))
+    ranked.sort()
+    return [(left, right) for _, _, left, right in ranked]
+
+
+def _sentencepiece_bpe_tokenizer(gguf: GGUFFile) -> Any:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    # Whitespace-run pieces are stored with real spaces; the model's own pieces use U+2581.
+    tokens = [t.replace(" ", _SPACE) if t.strip(" ") == "" else t for t in _require(gguf, "tokenizer.ggml.tokens")]
+    scores = np.asarray(_require(gguf, "tokenizer.ggml.scores"), dtype=np.float32)
+    token_types = gguf.metadata.get("tokenizer.ggml.token_type")
+    special = _special_token_ids(gguf)
+    merges = _sentencepiece_merges(tokens, scores, token_types)
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                     unk_token=tokens[special["unk"]] if "unk" in special else None,
+                     fuse_unk=True, byte_fallback=True)
+    backend = Tokenizer(bpe)
+    replace_space = normalizers.Replace(" ", _SPACE)
+    if gguf.metadata.get("tokenizer.ggml.add_space_prefix", True):
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPACE), replace_space])
+    else:
+        backend.normalizer = replace_space
+    backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+
+    special_ids = set(special.values())
+    user_ids: set[int] = set()
+    if token_types is not None:
+        special_ids |= set(np.flatnonzero(token_types == _TOKEN_CONTROL).tolist())
+        user_ids = set(np.flatnonzero(token_types == _TOKEN_USER_DEFINED).tolist())
+    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special_ids)])
+    # User-defined pieces (newline and whitespace runs, tags) are matched whole, on the normalized text.
+    backend.add_tokens([AddedToken(tokens[i], special=False, normalized=True) for i in sorted(user_ids)])
+
+    names = {role: tokens[token_id] for role, token_id in special.items() if token_id < len(tokens)}
+    arch = gguf.metadata.get("general.architecture", "")
+    max_length = gguf.metadata.get(f"{arch}.context_length")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=names.get("bos"), eos_token=names.get("eos"),
+        unk_token=names.get("unk"), pad_token=names.get("pad"),
+        add_bos_token=bool(gguf.metadata.get("tokenizer.ggml.add_bos_token", False)) and "bos" in names,
+        add_eos_token=bool(gguf.metadata.get("tokenizer.ggml.add_eos_token", False)) and "eos" in names,
+        clean_up_tokenization_spaces=False,
+        model_max_length=int(max_length) if max_length is not None else int(1e30))
 
 
 def _byte_level_bpe_tokenizer(gguf: GGUFFile, pre: str) -> Any:

@@ -9,6 +9,17 @@ _MODELS = {
     "MistralForCausalLM": ("pagellm.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("pagellm.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("pagellm.models.qwen3", "Qwen3ForCausalLM"),
+    "GemmaForCausalLM": ("pagellm.models.gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("pagellm.models.gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("pagellm.models.gemma", "Gemma3ForCausalLM"),
+    "Phi3ForCausalLM": ("pagellm.models.phi3", "Phi3ForCausalLM"),
+    "MixtralForCausalLM": ("pagellm.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("pagellm.models.qwen_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("pagellm.models.qwen_moe", "Qwen3MoeForCausalLM"),
+    "GPT2LMHeadModel": ("pagellm.models.gpt2", "GPT2LMHeadModel"),
+    "OPTForCausalLM": ("pagellm.models.opt", "OPTForCausalLM"),
+    "GPTNeoXForCausalLM": ("pagellm.models.gpt_neox", "GPTNeoXForCausalLM"),
+    "FalconForCausalLM": ("pagellm.models.falcon", "FalconForCausalLM"),
 }
 
 

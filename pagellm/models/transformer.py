@@ -1,23 +1,29 @@
 """The decoder-only transformer that Llama-family models share, described by a DecoderSpec.
 
 An architecture file turns its HF config into a spec (what differs: biases, q/k norms, sliding
-window...) and inherits everything else from here.
+window, norm kind, parallel residual...) and inherits everything else from here. Checkpoints whose
+tensor names or layouts differ from Llama's are translated in the architecture's `remap_weights`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from pagellm.layers.activation import SiluAndMul
+from pagellm.layers.activation import gated_activation, get_activation
 from pagellm.layers.attention.backend import AttentionMetadata
 from pagellm.layers.attention.layer import PagedAttention
+from pagellm.layers.layernorm import LayerNorm
 from pagellm.layers.linear import Linear
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.rotary import RotaryEmbedding, rope_inv_freq
+
+_NORM_TYPES = ("rms", "layer")
+_POSITION_EMBEDDINGS = ("rope", "learned")
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class DecoderSpec:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the eps of every norm, RMSNorm or LayerNorm
     max_position: int
     tie_word_embeddings: bool
     qkv_bias: bool = False
@@ -37,11 +43,41 @@ class DecoderSpec:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    # Options other families switch on; the defaults give the Llama layer.
+    norm_type: str = "rms"  # "rms" | "layer" (LayerNorm with bias)
+    norm_offset: float = 0.0  # Gemma stores RMSNorm weights as w - 1
+    hidden_act: str = "silu"
+    gated_mlp: bool = True  # down(act(gate) * up); False: down(act(up))
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_soft_cap: float | None = None  # cap * tanh(scores / cap) (Gemma 2)
+    final_soft_cap: float | None = None  # the same on the final logits
+    layer_windows: tuple[int | None, ...] | None = None  # per-layer sliding window; None: `sliding_window` on all
+    embed_scale: float | None = None  # token embeddings times this (Gemma: sqrt(hidden))
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2 / 3)
+    parallel_residual: bool = False  # attention and MLP read the same layer input (GPT-NeoX, Falcon)
+    shared_input_norm: bool = False  # parallel layer whose branches share one norm (Falcon-7B)
+    rotary_dim: int | None = None  # partial rotary: only the first rotary_dim dims of a head rotate
+    position_embedding: str = "rope"  # "rope" | "learned" (a table added to the token embeddings)
+    position_offset: int = 0  # learned table row of position 0 (OPT: 2)
+    final_norm: bool = True
+    lm_head_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_kv_heads})")
+        if self.norm_type not in _NORM_TYPES:
+            raise ValueError(f"norm_type must be one of {_NORM_TYPES}; got {self.norm_type!r}")
+        if self.position_embedding not in _POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {_POSITION_EMBEDDINGS}; "
+                             f"got {self.position_embedding!r}")
+        if self.layer_windows is not None and len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"layer_types must name one attention type per layer ({self.num_layers}); "
+                             f"got {len(self.layer_windows)}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"the rotary dimension must be even and in (0, head_dim={self.head_dim}]; "
+                             f"got {self.rotary_dim}")
+        get_activation(self.hidden_act)  # an unknown activation fails here, with its name
 
     @classmethod
     def from_hf(cls, c, **overrides) -> DecoderSpec:
@@ -58,84 +94,213 @@ class DecoderSpec:
         fields.update(overrides)
         return cls(**fields)
 
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: full attention)."""
+        return self.sliding_window if self.layer_windows is None else self.layer_windows[layer]
+
+
+def layer_windows_from_hf(c, num_layers: int) -> tuple[int | None, ...] | None:
+    """Per-layer windows from a HF config's `layer_types` ("sliding_attention" layers get `sliding_window`)."""
+    types = getattr(c, "layer_types", None)
+    window = getattr(c, "sliding_window", None)
+    if not types or window is None:
+        return None
+    return tuple(window if t == "sliding_attention" else None for t in types[:num_layers])
+
+
+def rotary_dim_from_hf(c, head_dim: int) -> int | None:
+    """The rotated width of a head when the config asks for partial rotary (`partial_rotary_factor`)."""
+    params = getattr(c, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", None))
+    return None if factor is None or factor == 1.0 else int(head_dim * factor)
+
+
+def rename(name: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
+    """Applies the first (pattern, replacement) rule whose pattern matches all of `name`; None if none does."""
+    for pattern, replacement in rules:
+        if pattern.fullmatch(name):
+            return pattern.sub(replacement, name)
+    return None
+
+
+def regroup_qkv(tensor: torch.Tensor, num_kv_heads: int, group: int, head_dim: int) -> torch.Tensor:
+    """A fused qkv weight or bias stored per KV head ([Hkv, group q heads + k + v, D, ...] rows, as
+    GPT-NeoX (group 1) and Falcon store it) -> [q heads | k heads | v heads] rows, our fused layout."""
+    rest = tensor.shape[1:]
+    per_kv = tensor.reshape(num_kv_heads, group + 2, head_dim, *rest)  # [Hkv, G + 2, D, ...]
+    q = per_kv[:, :group].reshape(num_kv_heads * group * head_dim, *rest)
+    k = per_kv[:, group].reshape(num_kv_heads * head_dim, *rest)
+    v = per_kv[:, group + 1].reshape(num_kv_heads * head_dim, *rest)
+    return torch.cat([q, k, v])
+
+
+def make_norm(spec: DecoderSpec, size: int | None = None) -> nn.Module:
+    """The spec's norm over `size` features (default: hidden size)."""
+    size = size or spec.hidden_size
+    if spec.norm_type == "layer":
+        return LayerNorm(size, spec.rms_norm_eps)
+    return RMSNorm(size, spec.rms_norm_eps, offset=spec.norm_offset)
+
 
 class DecoderAttention(nn.Module):
-    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding) -> None:
+    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding | None, sliding_window: int | None = None) -> None:
         super().__init__()
         h, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
         self.qkv_proj = Linear(spec.hidden_size, [h * d, hkv * d, hkv * d], bias=spec.qkv_bias)
         self.o_proj = Linear(h * d, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
-            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+            self.q_norm = make_norm(spec, d)
+            self.k_norm = make_norm(spec, d)
         self.qk_norm = spec.qk_norm
         self.rotary = rotary
-        self.attn = PagedAttention(h, hkv, d, scale=d ** -0.5, sliding_window=spec.sliding_window)
+        scale = spec.attn_scale if spec.attn_scale is not None else d ** -0.5
+        self.attn = PagedAttention(h, hkv, d, scale=scale, sliding_window=sliding_window,
+                                   logits_soft_cap=spec.attn_soft_cap)
 
-    def forward(self, cos_sin: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, cos_sin: torch.Tensor | None, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
         v = qkv[:, h + hkv:]  # [T, Hkv, D]
         if self.qk_norm:
-            q = self.rotary.rotate(self.q_norm(qkv[:, :h]), cos_sin)   # [T, H, D]
-            k = self.rotary.rotate(self.k_norm(qkv[:, h:h + hkv]), cos_sin)  # [T, Hkv, D]
-        else:
+            q, k = self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h:h + hkv])  # [T, H, D], [T, Hkv, D]
+            if self.rotary is not None:
+                q, k = self.rotary.rotate(q, cos_sin), self.rotary.rotate(k, cos_sin)
+        elif self.rotary is not None:
             # q and k rotate together: one set of ops for both.
             qk = self.rotary.rotate(qkv[:, :h + hkv], cos_sin)  # [T, H + Hkv, D]
             q, k = qk[:, :h], qk[:, h:]
+        else:
+            q, k = qkv[:, :h], qkv[:, h:h + hkv]
         out = self.attn(q, k, v, meta)  # [T, H, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, spec: DecoderSpec) -> None:
+    """down(act(gate(x)) * up(x)), gate and up fused into one projection."""
+
+    def __init__(self, spec: DecoderSpec, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(spec.hidden_size, [spec.intermediate_size] * 2, bias=spec.mlp_bias)
-        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
-        self.act = SiluAndMul()
+        size = intermediate_size or spec.intermediate_size
+        self.gate_up_proj = Linear(spec.hidden_size, [size] * 2, bias=spec.mlp_bias)
+        self.down_proj = Linear(size, spec.hidden_size, bias=spec.mlp_bias)
+        self.act = gated_activation(spec.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding) -> None:
+class MLP(nn.Module):
+    """down(act(up(x))): the two-matrix MLP of GPT-2, OPT, GPT-NeoX and Falcon."""
+
+    def __init__(self, spec: DecoderSpec, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(spec, rotary)
-        self.mlp = GatedMLP(spec)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        size = intermediate_size or spec.intermediate_size
+        self.up_proj = Linear(spec.hidden_size, size, bias=spec.mlp_bias)
+        self.down_proj = Linear(size, spec.hidden_size, bias=spec.mlp_bias)
+        self.act = get_activation(spec.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+def default_mlp(spec: DecoderSpec, layer: int) -> nn.Module:
+    return GatedMLP(spec) if spec.gated_mlp else MLP(spec)
+
+
+class DecoderLayer(nn.Module):
+    """One block. The residual stream is carried separately so each norm can fuse the residual add.
+
+    Sequential (pre-norm): x += attn(norm1(x)); x += mlp(norm2(x)); Gemma 2/3 also normalise the
+    attention and MLP outputs ("sandwich"). Parallel (GPT-NeoX, Falcon): x += attn(norm1(x)) + mlp(norm2(x)).
+    """
+
+    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding | None, layer: int = 0,
+                 mlp: nn.Module | None = None) -> None:
+        super().__init__()
+        self.sliding_window = spec.window_of(layer)
+        self.self_attn = DecoderAttention(spec, rotary, self.sliding_window)
+        self.mlp = mlp if mlp is not None else default_mlp(spec, layer)
+        self.parallel = spec.parallel_residual
+        self.sandwich = spec.sandwich_norms
+        self.shared_norm = spec.parallel_residual and spec.shared_input_norm
+        self.input_layernorm = make_norm(spec)
+        if not self.shared_norm:
+            self.post_attention_layernorm = make_norm(spec)
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = make_norm(spec)
+            self.post_feedforward_layernorm = make_norm(spec)
 
     def forward(self, cos_sin, x, residual, meta):
+        """x [T, hidden] is the last block's output, `residual` the stream before it (None at layer 0).
+        Returns the same pair for the next block."""
+        if self.parallel:
+            if residual is not None:
+                x = x + residual  # the stream this block reads and adds to
+            h = self.input_layernorm(x)
+            h_mlp = h if self.shared_norm else self.post_attention_layernorm(x)
+            return self.self_attn(cos_sin, h, meta) + self.mlp(h_mlp), x
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(cos_sin, x, meta)
+        if self.sandwich:
+            x = self.post_attention_layernorm(x)
+            x, residual = self.pre_feedforward_layernorm(x, residual)
+            return self.post_feedforward_layernorm(self.mlp(x)), residual
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding) -> None:
+    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding | None,
+                 make_mlp: Callable[[DecoderSpec, int], nn.Module] | None = None,
+                 local_rotary: RotaryEmbedding | None = None) -> None:
+        """`local_rotary`, if given, is the RoPE of the sliding-window layers (Gemma 3)."""
         super().__init__()
         self.rotary = rotary
+        self.local_rotary = local_rotary
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, rotary) for _ in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if spec.position_embedding == "learned":
+            self.embed_positions = nn.Embedding(spec.max_position + spec.position_offset, spec.hidden_size)
+        self.position_offset = spec.position_offset
+        self.learned_positions = spec.position_embedding == "learned"
+        if spec.embed_scale is not None:
+            self.register_buffer("embed_scale", torch.tensor(spec.embed_scale), persistent=False)
+        self.scale_embeddings = spec.embed_scale is not None
+        make_mlp = make_mlp or default_mlp
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, local_rotary if local_rotary is not None and spec.window_of(i) else rotary, i,
+                         make_mlp(spec, i))
+            for i in range(spec.num_layers))
+        self.norm = make_norm(spec) if spec.final_norm else None
 
     def forward(self, input_ids, positions, meta):
         x, residual = self.embed_tokens(input_ids), None  # [T, hidden]
-        cos_sin = self.rotary.cos_sin(positions, x.dtype)  # shared by every layer
+        if self.scale_embeddings:
+            # Rounded to the model's dtype first, as HF multiplies.
+            x = x * self.embed_scale.to(x.dtype)
+        if self.learned_positions:
+            x = x + self.embed_positions(positions + self.position_offset)
+        cos_sin = self.rotary.cos_sin(positions, x.dtype) if self.rotary is not None else None  # shared by layers
+        local_cos_sin = None
+        if self.local_rotary is not None:
+            local_cos_sin = self.local_rotary.cos_sin(positions, x.dtype)
         for layer in self.layers:
-            x, residual = layer(cos_sin, x, residual, meta)
+            layer_cos_sin = local_cos_sin if local_cos_sin is not None and layer.sliding_window else cos_sin
+            x, residual = layer(layer_cos_sin, x, residual, meta)
+        if self.norm is None:
+            return x if residual is None else x + residual
+        if residual is None:
+            return self.norm(x)
         x, _ = self.norm(x, residual)
         return x
 
 
 class CausalLM(nn.Module):
-    """A decoder plus its LM head. Subclasses provide `spec_from_config`."""
+    """A decoder plus its LM head. Subclasses provide `spec_from_config` and, where the family
+    differs, `make_rotary`, `make_mlp` and `remap_weights`."""
 
     # checkpoint name fragment -> (our fused module, shard index)
     packed_modules_mapping = {
@@ -150,10 +315,22 @@ class CausalLM(nn.Module):
     def __init__(self, hf_config) -> None:
         super().__init__()
         self.spec = spec = self.spec_from_config(hf_config)
-        inv_freq, scaling = rope_inv_freq(hf_config, spec.head_dim)
-        rotary = RotaryEmbedding(spec.head_dim, spec.max_position, inv_freq, scaling)
-        self.model = DecoderModel(spec, rotary)
-        self.lm_head = None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size)
+        rotary, local_rotary = self.make_rotary(hf_config, spec)
+        self.model = DecoderModel(spec, rotary, lambda s, layer: self.make_mlp(hf_config, s, layer), local_rotary)
+        self.lm_head = None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size,
+                                                                    bias=spec.lm_head_bias)
+
+    def make_rotary(self, hf_config, spec: DecoderSpec) -> tuple[RotaryEmbedding | None, RotaryEmbedding | None]:
+        """(RoPE of every layer, RoPE of the sliding-window layers or None to use the first)."""
+        if spec.position_embedding != "rope":
+            return None, None
+        rotary_dim = spec.rotary_dim or spec.head_dim
+        inv_freq, scaling = rope_inv_freq(hf_config, rotary_dim)
+        return RotaryEmbedding(spec.head_dim, spec.max_position, inv_freq, scaling, rotary_dim=rotary_dim), None
+
+    def make_mlp(self, hf_config, spec: DecoderSpec, layer: int) -> nn.Module:
+        """The feed-forward block of layer `layer` (MoE models return their expert layer)."""
+        return default_mlp(spec, layer)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> hidden states [T, hidden]."""
@@ -161,10 +338,23 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight)
+        if self.lm_head is None:
+            logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = torch.nn.functional.linear(hidden, self.lm_head.weight, self.lm_head.bias)
+        cap = self.spec.final_soft_cap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def remap_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoint (name, tensor) pairs -> the Llama-style names and layouts this model holds."""
+        return iter(weights)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads HF-named tensors; returns the names of the parameters that were filled."""
         from pagellm.models.weights import load_named_weights
-        return load_named_weights(self, weights, self.packed_modules_mapping)
+        packed = self.packed_modules_mapping
+        if not self.spec.gated_mlp:  # a plain MLP's up_proj is a layer of its own
+            packed = {k: v for k, v in packed.items() if v[0] != "gate_up_proj"}
+        return load_named_weights(self, self.remap_weights(weights), packed)
