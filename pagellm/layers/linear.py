@@ -5,9 +5,32 @@ A fused layer (q|k|v, gate|up) holds one weight; each checkpoint tensor lands in
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def cpu_prepacked_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked layout of a bf16 CPU weight, or None where that does not apply.
+
+    F.linear re-lays the weight out on every call; a pre-packed weight skips that (about a third
+    of the time of a decode step's GEMMs on SmolLM2 at batch 64).
+    """
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return None
+    if os.environ.get("PAGELLM_CPU_PREPACK", "1") == "0":
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+    except (RuntimeError, AttributeError):  # an op missing from this build: stay on F.linear
+        return None
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [N, in] @ packed weight -> [N, out]."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class Linear(nn.Module):
@@ -20,8 +43,14 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.packed: torch.Tensor | None = None  # set by prepack(), after the weights are loaded
+
+    def prepack(self) -> None:
+        self.packed = cpu_prepacked_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.dim() == 2:
+            return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:

@@ -33,6 +33,8 @@ def build_model(source, dtype: torch.dtype, device: torch.device, seed: int = 0)
         if missing:
             raise ValueError(f"weights for {source.path} lack {len(missing)} tensors, e.g. {missing[:3]}")
     model.eval()
+    if hasattr(model, "prepack_weights"):
+        model.prepack_weights()
     logger.info("model %s built in %.2f s (%s, %s)", cls.__name__, time.perf_counter() - start, dtype, device)
     return model
 

@@ -18,7 +18,7 @@ from pagellm.layers.activation import gated_activation, get_activation
 from pagellm.layers.attention.backend import AttentionMetadata
 from pagellm.layers.attention.layer import PagedAttention
 from pagellm.layers.layernorm import LayerNorm
-from pagellm.layers.linear import Linear
+from pagellm.layers.linear import Linear, cpu_prepacked_weight, packed_linear
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.rotary import RotaryEmbedding, rope_inv_freq
 
@@ -339,13 +339,25 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab]."""
         if self.lm_head is None:
-            logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
+            packed = getattr(self, "_packed_lm_head", None)
+            if packed is not None and hidden.dim() == 2:
+                logits = packed_linear(hidden, packed, None)
+            else:
+                logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
         else:
-            logits = torch.nn.functional.linear(hidden, self.lm_head.weight, self.lm_head.bias)
+            logits = self.lm_head(hidden)
         cap = self.spec.final_soft_cap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def prepack_weights(self) -> None:
+        """Lays out bf16 CPU weights for oneDNN once, after loading (see layers.linear)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack()
+        if self.lm_head is None:
+            self._packed_lm_head = cpu_prepacked_weight(self.model.embed_tokens.weight)
 
     def remap_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint (name, tensor) pairs -> the Llama-style names and layouts this model holds."""

@@ -1,11 +1,62 @@
-"""Portable attention in plain PyTorch (CPU and GPU): gathers each sequence's blocks and runs SDPA."""
+"""Portable attention in plain PyTorch (CPU and GPU): gathers each sequence's blocks and runs SDPA.
+
+Everything that depends only on the step (which blocks to gather, the masks) is planned once
+per forward pass and shared by every layer: on the CPU the step is bound by the number of ops.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from pagellm.layers.attention.backend import AttentionBackend, AttentionMetadata
+
+
+@dataclass
+class _Group:
+    """Sequences attended together: rows [lo, hi) of the step's queries."""
+
+    lo: int
+    hi: int
+    block_ids: torch.Tensor   # [n * nb] int64: the blocks to gather, nb per sequence
+    num_blocks: int           # nb
+    mask: torch.Tensor        # [n, 1, Q, nb * BS] bool: which keys each query sees
+    num_seqs: int             # n (1 for a prefill group, whose Q is its chunk length)
+    is_decode: bool
+
+
+def _plan(meta: AttentionMetadata, block_size: int, window: int | None) -> list[_Group]:
+    """Decodes in two length-sorted halves (less padding), then each prefill sequence alone."""
+    groups: list[_Group] = []
+    nd = meta.num_decodes
+    device = meta.seq_lens.device
+    bounds = [0, nd // 2, nd] if nd >= 16 else [0, nd]
+    for lo, hi in zip(bounds, bounds[1:]):
+        if hi <= lo:
+            continue
+        nb = -(-max(meta.seq_lens_cpu[lo:hi]) // block_size)
+        ids = meta.block_tables[lo:hi, :nb].reshape(-1).long()
+        pos = torch.arange(nb * block_size, device=device)  # [L]
+        lens = meta.seq_lens[lo:hi, None]  # [n, 1]
+        mask = pos[None, :] < lens  # [n, L]; the query sits at position len - 1
+        if window is not None:
+            mask &= pos[None, :] > lens - 1 - window
+        groups.append(_Group(lo, hi, ids, nb, mask[:, None, None, :], hi - lo, True))
+    start = meta.num_decode_tokens
+    for s in range(nd, len(meta.query_lens_cpu)):
+        q_len, ctx = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
+        nb = -(-ctx // block_size)
+        ids = meta.block_tables[s, :nb].long()
+        q_pos = torch.arange(ctx - q_len, ctx, device=device)[:, None]  # [Q, 1]
+        k_pos = torch.arange(nb * block_size, device=device)[None, :]  # [1, L]
+        mask = (k_pos <= q_pos) & (k_pos < ctx)  # [Q, L]
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        groups.append(_Group(start, start + q_len, ids, nb, mask[None, None], 1, False))
+        start += q_len
+    return groups
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -18,67 +69,29 @@ class TorchAttentionBackend(AttentionBackend):
         flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
         flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
         slots = meta.slot_mapping
-        num_tokens = query.shape[0]
-        if slots.shape[0] != num_tokens or bool((slots < 0).any()):
+        if slots.shape[0] != query.shape[0] or bool((slots < 0).any()):
             keep = slots >= 0
             slots, key, value = slots[keep], key[: slots.shape[0]][keep], value[: slots.shape[0]][keep]
         flat_k.index_copy_(0, slots, key.to(k_cache.dtype))
         flat_v.index_copy_(0, slots, value.to(v_cache.dtype))
 
-        out = torch.empty_like(query)
-        nd = meta.num_decodes
-        # Decodes arrive sorted by length; two groups roughly halve the padding each gathers.
-        bounds = [0, nd // 2, nd] if nd >= 16 else [0, nd]
-        for lo, hi in zip(bounds, bounds[1:]):
-            if hi > lo:
-                out[lo:hi] = self._decode(query[lo:hi], k_cache, v_cache, meta.block_tables[lo:hi],
-                                          meta.seq_lens[lo:hi], max(meta.seq_lens_cpu[lo:hi]), scale,
-                                          sliding_window, logits_soft_cap)
-        start = meta.num_decode_tokens
-        for s in range(nd, len(meta.query_lens_cpu)):
-            q_len, ctx_len = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
-            out[start:start + q_len] = self._prefill(
-                query[start:start + q_len], k_cache, v_cache, meta.block_tables[s], ctx_len, scale,
-                sliding_window, logits_soft_cap)
-            start += q_len
-        return out
-
-    @staticmethod
-    def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
-        # cache [NB, BS, Hkv, D], block_table [..., >= num_blocks] -> [..., num_blocks * BS, Hkv, D]
-        nb_total, bs, hkv, d = cache.shape
-        ids = block_table[..., :num_blocks]
-        # index_select on whole blocks is a plain row copy, faster than advanced indexing.
-        rows = cache.view(nb_total, bs * hkv * d).index_select(0, ids.reshape(-1))  # [n * nb, BS Hkv D]
-        return rows.view(*ids.shape[:-1], num_blocks * bs, hkv, d)
-
-    def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, max_len, scale, window, soft_cap):
-        # q [S, H, D]; one query per sequence at position seq_len - 1.
-        block_size = k_cache.shape[1]
-        nb = -(-max_len // block_size)
-        k = self._gather(k_cache, block_tables, nb).transpose(1, 2)  # [S, Hkv, L, D]
-        v = self._gather(v_cache, block_tables, nb).transpose(1, 2)
-        pos = torch.arange(nb * block_size, device=q.device)  # [L]
-        mask = pos[None, :] < seq_lens[:, None]  # [S, L]
-        if window is not None:
-            mask &= pos[None, :] > (seq_lens[:, None] - 1 - window)
-        out = self._attend(q.unsqueeze(2), k, v, mask[:, None, None, :], scale, soft_cap)  # [S, H, 1, D]
-        return out.squeeze(2)
-
-    def _prefill(self, q, k_cache, v_cache, block_table, ctx_len, scale, window, soft_cap):
-        # q [Q, H, D] for positions ctx_len - Q .. ctx_len - 1.
-        block_size = k_cache.shape[1]
-        nb = -(-ctx_len // block_size)
-        k = self._gather(k_cache, block_table, nb)[:ctx_len].transpose(0, 1)  # [Hkv, L, D]
-        v = self._gather(v_cache, block_table, nb)[:ctx_len].transpose(0, 1)
-        q_len = q.shape[0]
-        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]  # [Q, 1]
-        k_pos = torch.arange(ctx_len, device=q.device)[None, :]  # [1, L]
-        mask = k_pos <= q_pos  # [Q, L]
-        if window is not None:
-            mask &= k_pos > q_pos - window
-        out = self._attend(q.transpose(0, 1)[None], k[None], v[None], mask[None, None], scale, soft_cap)
-        return out[0].transpose(0, 1)  # [Q, H, D]
+        plans = meta.__dict__.setdefault("_torch_plans", {})
+        groups = plans.get(sliding_window)
+        if groups is None:
+            groups = plans[sliding_window] = _plan(meta, block_size, sliding_window)
+        rows = k_cache.view(num_blocks, block_size * num_kv_heads * head_dim)
+        v_rows = v_cache.view(num_blocks, block_size * num_kv_heads * head_dim)
+        outs = []
+        for g in groups:
+            length = g.num_blocks * block_size
+            # index_select on whole blocks is a plain row copy, faster than advanced indexing.
+            k = rows.index_select(0, g.block_ids).view(g.num_seqs, length, num_kv_heads, head_dim)
+            v = v_rows.index_select(0, g.block_ids).view(g.num_seqs, length, num_kv_heads, head_dim)
+            q = query[g.lo:g.hi]  # [n, H, D] decodes, or [Q, H, D] for one prefill
+            q = q.unsqueeze(2) if g.is_decode else q.transpose(0, 1)[None]  # [B, H, Q, D]
+            out = self._attend(q, k.transpose(1, 2), v.transpose(1, 2), g.mask, scale, logits_soft_cap)
+            outs.append(out.squeeze(2) if g.is_decode else out[0].transpose(0, 1))  # [rows, H, D]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     @staticmethod
     def _attend(q, k, v, mask, scale, soft_cap):
