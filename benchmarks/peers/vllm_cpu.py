@@ -3,6 +3,7 @@
     python benchmarks/peers/vllm_cpu.py thr   MODEL_DIR   # cpu-thr: output tok/s of one generate() call
     python benchmarks/peers/vllm_cpu.py lat   MODEL_DIR   # cpu-lat: TPOT, batch 1, 128 in / 128 out, greedy
     python benchmarks/peers/vllm_cpu.py start MODEL_DIR   # cpu-start: construction + first token (process timed outside)
+    python benchmarks/peers/vllm_cpu.py pfx MODEL_DIR [N] [off]  # shared-prefix: N requests, 1000-token shared prefix
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ def main() -> None:
 
     mode, model = sys.argv[1], sys.argv[2]
     dummy = mode != "start"
+    caching = not (len(sys.argv) > 4 and sys.argv[4] == "off")
     t0 = time.perf_counter()
     llm = LLM(model, dtype="bfloat16", load_format="dummy" if dummy else "auto", skip_tokenizer_init=dummy,
-              max_model_len=2048, seed=0)
+              max_model_len=2048, seed=0, enable_prefix_caching=caching)
     built = time.perf_counter() - t0
     if mode == "start":
         out = llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], SamplingParams(max_tokens=1), use_tqdm=False)
@@ -51,6 +53,21 @@ def main() -> None:
         n_in = sum(len(p) for p in prompts)
         print(f"vllm cpu-thr: {n_out / elapsed:.1f} output tok/s, {(n_out + n_in) / elapsed:.1f} total tok/s "
               f"({n_out} output / {n_in} prompt tokens in {elapsed:.2f} s)")
+    elif mode == "pfx":
+        from pagellm.benchmarks.workloads import shared_prefix
+        work = shared_prefix(int(sys.argv[3]) if len(sys.argv) > 3 else 200)
+        reqs = [TokensPrompt(prompt_token_ids=p) for p in work.prompts]
+        params = SamplingParams(temperature=0.0, max_tokens=work.max_tokens[0], ignore_eos=True, detokenize=False)
+        llm.generate(reqs[:1], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False), use_tqdm=False)
+        llm.reset_prefix_cache()
+        start = time.perf_counter()
+        outs = llm.generate(reqs, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        ttft = sum(o.metrics.first_token_time - o.metrics.arrival_time for o in outs if o.metrics) / len(outs) \
+            if outs[0].metrics is not None else float("nan")
+        print(f"vllm shared-prefix (caching {'on' if caching else 'off'}): {n_out / elapsed:.1f} output tok/s, "
+              f"{elapsed:.2f} s, mean TTFT {ttft * 1e3:.0f} ms")
     elif mode == "lat":
         rng = random.Random(0)
         prompt = TokensPrompt(prompt_token_ids=[rng.randint(0, 9999) for _ in range(128)])

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from pagellm.models.transformer import CausalLM, DecoderSpec, regroup_qkv, rename
+from pagellm.models.transformer import CausalLM, DecoderSpec, regroup_qkv, renamed
 
 _P = r"transformer\."
 _RULES = [(re.compile(p), r) for p, r in [
@@ -56,10 +56,7 @@ class FalconForCausalLM(CausalLM):
         s = self.spec
         # Every layout is [per K/V head: its query group, k, v]; multi_query's [q heads | k | v] is
         # the case of one K/V head.
-        for name, tensor in weights:
-            ours = rename(name, _RULES)
-            if ours is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+        for ours, tensor in renamed(weights, _RULES):
             if ".qkv_proj." in ours:
                 tensor = regroup_qkv(tensor, s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim)
             yield ours, tensor

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from pagellm.models.transformer import CausalLM, DecoderSpec, rename
+from pagellm.models.transformer import CausalLM, DecoderSpec, renamed
 
 # The hub's original GPT-2 files lack the "transformer." prefix that transformers writes.
 _P = r"(?:transformer\.)?"
@@ -44,12 +44,7 @@ class GPT2LMHeadModel(CausalLM):
             attn_scale=None if getattr(c, "scale_attn_weights", True) else 1.0)
 
     def remap_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            if _BUFFERS.fullmatch(name):
-                continue
-            ours = rename(name, _RULES)
-            if ours is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+        for ours, tensor in renamed(weights, _RULES, _BUFFERS):
             if ours.endswith(("qkv_proj.weight", "o_proj.weight", "up_proj.weight", "down_proj.weight")):
                 tensor = tensor.t()  # Conv1D [in, out] -> Linear [out, in]
             yield ours, tensor

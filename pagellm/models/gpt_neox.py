@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from pagellm.models.transformer import CausalLM, DecoderSpec, regroup_qkv, rename, rotary_dim_from_hf
+from pagellm.models.transformer import CausalLM, DecoderSpec, regroup_qkv, renamed, rotary_dim_from_hf
 
 _RULES = [(re.compile(p), r) for p, r in [
     (r"gpt_neox\.embed_in\.(\w+)", r"model.embed_tokens.\1"),
@@ -40,12 +40,7 @@ class GPTNeoXForCausalLM(CausalLM):
 
     def remap_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         s = self.spec
-        for name, tensor in weights:
-            if _BUFFERS.fullmatch(name):
-                continue
-            ours = rename(name, _RULES)
-            if ours is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+        for ours, tensor in renamed(weights, _RULES, _BUFFERS):
             if ".qkv_proj." in ours:
                 tensor = regroup_qkv(tensor, s.num_heads, 1, s.head_dim)
             yield ours, tensor

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from pagellm.models.transformer import CausalLM, DecoderSpec, rename
+from pagellm.models.transformer import CausalLM, DecoderSpec, renamed
 
 _P = r"(?:model\.)?decoder\."
 _RULES = [(re.compile(p), r) for p, r in [
@@ -47,8 +47,4 @@ class OPTForCausalLM(CausalLM):
             final_norm=not getattr(c, "_remove_final_layer_norm", False))
 
     def remap_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            ours = rename(name, _RULES)
-            if ours is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-            yield ours, tensor
+        return renamed(weights, _RULES)

@@ -123,6 +123,19 @@ def rename(name: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
     return None
 
 
+def renamed(weights: Iterable[tuple[str, torch.Tensor]], rules: list[tuple[re.Pattern, str]],
+            skip: re.Pattern | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint (name, tensor) pairs under our names. Names matching `skip` (buffers such as
+    attention masks) are dropped; a name no rule covers raises ValueError."""
+    for name, tensor in weights:
+        if skip is not None and skip.fullmatch(name):
+            continue
+        ours = rename(name, rules)
+        if ours is None:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+        yield ours, tensor
+
+
 def regroup_qkv(tensor: torch.Tensor, num_kv_heads: int, group: int, head_dim: int) -> torch.Tensor:
     """A fused qkv weight or bias stored per KV head ([Hkv, group q heads + k + v, D, ...] rows, as
     GPT-NeoX (group 1) and Falcon store it) -> [q heads | k heads | v heads] rows, our fused layout."""
