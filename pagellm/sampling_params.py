@@ -387,8 +387,12 @@ class BeamSearchParams:
     ignore_eos: bool = False
     temperature: float = 0.0
     length_penalty: float = 1.0
+    # transformers' meaning: False (default), True (stop at beam_width finished beams) or "never".
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         beam_width = _require_int("beam_width", self.beam_width)
         if beam_width < 1:
             raise ValueError(f"beam_width must be >= 1, got {beam_width}")

@@ -119,4 +119,5 @@ class OutputProcessor:
             metrics.finished_time = max(c.metrics.finished_time or time.time() for c in children)
         return RequestOutput(request_id=first.parent_id, prompt=first.prompt,
                              prompt_token_ids=first.prompt_token_ids, prompt_logprobs=first.prompt_logprobs,
-                             outputs=[self.completion(c) for c in children], finished=finished, metrics=metrics)
+                             outputs=[self.completion(c) for c in children], finished=finished, metrics=metrics,
+                             num_cached_tokens=first.num_cached_tokens)

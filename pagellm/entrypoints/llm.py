@@ -86,14 +86,14 @@ class LLM:
         Each output holds the best `params.beam_width` sequences, best first, each with the
         prompt's tokens followed by the generated ones. Beams are scored as transformers'
         `generate(num_beams=..., length_penalty=...)` scores them, with its early stopping
-        (`params.early_stopping` if BeamSearchParams has it: False, True or "never"; default False).
+        (`params.early_stopping`: False, True or "never", as in transformers).
         """
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams; got {type(params).__name__}")
         engine = self.llm_engine
         check = SamplingParams(max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
         token_ids = [engine.validate(p, check)[1] for p in self._as_prompt_list(prompts)]
-        early_stopping = getattr(params, "early_stopping", False)
+        early_stopping = params.early_stopping
         return run_beam_search(engine, token_ids, params, early_stopping=early_stopping, use_tqdm=use_tqdm)
 
     def reset_prefix_cache(self) -> bool:
