@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-import os
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -47,8 +47,9 @@ class EngineStats:
 
 
 class LLMEngine:
-    """Synchronous engine. `add_request` queues work; each `step` runs one batch and reports
-    the requests it advanced. Not thread-safe: one caller drives it."""
+    """The engine loop. `add_request` queues work; each `step` runs one batch and reports the
+    requests it advanced (on CUDA a step's tokens are reported by the next call, see step()).
+    Not thread-safe: one caller drives it (the server's AsyncLLMEngine uses one engine thread)."""
 
     def __init__(self, args: EngineArgs) -> None:
         start = time.perf_counter()
