@@ -205,10 +205,6 @@ class ModelRunner:
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
 
     # ---- one step ---------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Runs a step and waits for its results."""
-        return self.launch(sched).resolve()
-
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
         """Enqueues a step on the device. Decode tokens still pending in `previous` (sampled there,

@@ -9,6 +9,7 @@ import uuid
 from typing import Any, AsyncIterator, Awaitable, Mapping, Sequence, TypeVar
 
 from fastapi import Request
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from pagellm.engine.async_engine import AsyncLLMEngine, EngineStepError
@@ -237,3 +238,14 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         pass
     raise ClientDisconnected()
 
+
+
+async def await_unstreamed(request: Request, work: Awaitable[T]) -> T | Response:
+    """The result of a non-streamed request's `work`; a 499 response if the client went away
+    (its engine requests are aborted); an OpenAI 500 error if the engine step failed."""
+    try:
+        return await cancel_on_disconnect(request, work)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except EngineStepError as exc:
+        raise OpenAIError(str(exc), 500) from exc

@@ -15,8 +15,8 @@ from pagellm.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogprobs,
                                                  ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                                  ChatStreamChoice, DeltaMessage, UsageInfo)
 from pagellm.entrypoints.openai.request_params import build_sampling_params
-from pagellm.entrypoints.openai.serving_base import (SSE_DONE, ClientDisconnected, OpenAIServing,
-                                                     cancel_on_disconnect, merge_streams, sse, stream_error)
+from pagellm.entrypoints.openai.serving_base import (SSE_DONE, OpenAIServing, await_unstreamed,
+                                                     merge_streams, sse, stream_error)
 from pagellm.entrypoints.openai.text_stream import TextDeltaStream
 from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import SamplingParams
@@ -35,12 +35,9 @@ class OpenAIServingChat(OpenAIServing):
         if request.stream:
             return StreamingResponse(self._stream(request, request_id, model, params, len(ids), stream),
                                      media_type="text/event-stream")
-        try:
-            final = await cancel_on_disconnect(raw_request, _last(stream))
-        except ClientDisconnected:
-            return Response(status_code=499)
-        except EngineStepError as exc:
-            raise OpenAIError(str(exc), 500) from exc
+        final = await await_unstreamed(raw_request, _last(stream))
+        if isinstance(final, Response):
+            return final
         return JSONResponse(self._response(request, request_id, model, final).model_dump(mode="json"))
 
     def _prepare(self, request: ChatCompletionRequest) -> tuple[SamplingParams, str, list[int]]:

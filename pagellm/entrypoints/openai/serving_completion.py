@@ -9,14 +9,13 @@ from typing import AsyncIterator, Sequence
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pagellm.engine.async_engine import EngineStepError
 from pagellm.entrypoints.openai.errors import OpenAIError
 from pagellm.entrypoints.openai.logprobs import CompletionLogprobsBuilder, prompt_logprobs_json
 from pagellm.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
                                                  CompletionResponse, UsageInfo)
 from pagellm.entrypoints.openai.request_params import build_sampling_params
-from pagellm.entrypoints.openai.serving_base import (SSE_DONE, ClientDisconnected, OpenAIServing,
-                                                     cancel_on_disconnect, merge_streams, sse, stream_error)
+from pagellm.entrypoints.openai.serving_base import (SSE_DONE, OpenAIServing, await_unstreamed,
+                                                     merge_streams, sse, stream_error)
 from pagellm.entrypoints.openai.text_stream import TextDeltaStream
 from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import SamplingParams
@@ -59,12 +58,9 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.stream:
             return StreamingResponse(self._stream(request, request_id, model, prompts, streams),
                                      media_type="text/event-stream")
-        try:
-            finals = await cancel_on_disconnect(raw_request, _collect(streams))
-        except ClientDisconnected:
-            return Response(status_code=499)
-        except EngineStepError as exc:
-            raise OpenAIError(str(exc), 500) from exc
+        finals = await await_unstreamed(raw_request, _collect(streams))
+        if isinstance(finals, Response):
+            return finals
         return JSONResponse(self._response(request, request_id, model, prompts, finals).model_dump(mode="json"))
 
     # ---- input --------------------------------------------------------------------------------

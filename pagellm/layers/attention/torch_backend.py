@@ -68,14 +68,18 @@ class TorchAttentionBackend(AttentionBackend):
         # Write the new tokens' K/V into their slots (padding slots are -1 and skipped).
         flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
         flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+        plans = meta.__dict__.setdefault("_torch_plans", {})
+        if "rows_to_write" not in plans:  # once per step, not per layer: it reads the slots on the host
+            slots = meta.slot_mapping
+            padded = slots.shape[0] != query.shape[0] or bool((slots < 0).any())
+            plans["rows_to_write"] = (slots >= 0).nonzero().squeeze(1) if padded else None
+        rows_to_write = plans["rows_to_write"]
         slots = meta.slot_mapping
-        if slots.shape[0] != query.shape[0] or bool((slots < 0).any()):
-            keep = slots >= 0
-            slots, key, value = slots[keep], key[: slots.shape[0]][keep], value[: slots.shape[0]][keep]
+        if rows_to_write is not None:
+            slots, key, value = slots[rows_to_write], key[rows_to_write], value[rows_to_write]
         flat_k.index_copy_(0, slots, key.to(k_cache.dtype))
         flat_v.index_copy_(0, slots, value.to(v_cache.dtype))
 
-        plans = meta.__dict__.setdefault("_torch_plans", {})
         groups = plans.get(sliding_window)
         if groups is None:
             groups = plans[sliding_window] = _plan(meta, block_size, sliding_window)
