@@ -6,9 +6,9 @@ init_logging()
 
 
 from pagellm.entrypoints.llm import LLM  # noqa: E402
-from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagellm.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
 from pagellm.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "__version__"]
+           "EmbeddingRequestOutput", "EmbeddingOutput", "__version__"]

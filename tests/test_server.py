@@ -7,81 +7,34 @@ import argparse
 import asyncio
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+
+from server_helpers import client_and_auth_fixtures, metric_samples, running_server
 
 openai = pytest.importorskip("openai")
 
 API_KEY = "sk-pagellm-test"
 MODEL = "tiny"
 MAX_MODEL_LEN = 256
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
     """`pagellm serve` on the tiny Llama (conftest's), on a free port, with an API key."""
-    model = tiny_llama_dir
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "pagellm.entrypoints.cli", "serve", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
-           "--kv-cache-memory", "64MiB", "--served-model-name", MODEL, "--api-key", API_KEY,
-           "--uvicorn-log-level", "warning"]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               # One thread, as conftest sets for the test process: faster on a small shared machine.
-               OMP_NUM_THREADS=os.environ.get("PAGELLM_TEST_THREADS", "1"))
-    env.pop("PAGELLM_API_KEY", None)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server did not become healthy:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.3)
+    args = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "64MiB", "--served-model-name", MODEL,
+            "--api-key", API_KEY]
+    with running_server(tiny_llama_dir, args, log_path) as base:
         yield {"base": base, "log": log_path}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server["base"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def auth():
-    return {"Authorization": f"Bearer {API_KEY}"}
+client, auth = client_and_auth_fixtures(API_KEY, timeout=120)
 
 
 def _tokens(server, auth, **body) -> list[int]:
@@ -92,15 +45,7 @@ def _tokens(server, auth, **body) -> list[int]:
 
 def _metrics(server) -> dict[str, float]:
     """Prometheus samples as {'name{label="v",...}': value} (no key needed)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(server["base"] + "/metrics", timeout=30).text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != "model_name")
-            samples[f"{s.name}{{{labels}}}"] = s.value
-    return samples
+    return metric_samples(server["base"])
 
 
 # ---- basics -----------------------------------------------------------------------------------------

@@ -9,6 +9,24 @@ import torch
 from pagellm.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype, parse_memory_size
 
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+TASKS = ("generate", "embed")
+RUNNERS = ("auto", "generate", "pooling")
+
+
+def resolve_task(task: str | None, runner: str | None = None) -> str:
+    """The engine task from vLLM's two spellings: task ("generate", "embed" or its old name
+    "embedding") and runner ("auto", "generate", "pooling"; "pooling" means embed here).
+    Neither given: "generate". Raises ValueError when they disagree or a value is unknown."""
+    if runner is not None and runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {', '.join(RUNNERS)}; got {runner!r}")
+    if task == "embedding":
+        task = "embed"
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    implied = {"generate": "generate", "pooling": "embed"}.get(runner or "auto")
+    if task is not None and implied is not None and task != implied:
+        raise ValueError(f"task={task!r} contradicts runner={runner!r}")
+    return task or implied or "generate"
 
 
 @dataclass(frozen=True)
@@ -34,8 +52,11 @@ class EngineArgs:
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False
     served_model_name: str | None = None
+    task: str = "generate"  # "generate" (LLMEngine) or "embed" (EmbeddingEngine); see resolve_task
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(_LOAD_FORMATS)}; got {self.load_format!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):

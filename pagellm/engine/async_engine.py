@@ -7,6 +7,9 @@ dedicated worker thread: the event loop keeps accepting and streaming requests w
 runs, and the engine never sees two threads. The worker runs calls in submission order, so
 an add or abort queued during a step takes effect before the next step.
 
+Beam search (`beam_search`) runs as ordinary one-token requests per beam and step, batched
+with everyone else's.
+
 Each request gets an asyncio.Queue that the loop fills with cumulative RequestOutputs;
 `generate` drains it. Leaving `generate` early (client disconnect, cancellation, `aclose`)
 aborts the request at once, which frees its KV blocks.
@@ -21,10 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
 
 from pagellm.engine.args import EngineArgs
+from pagellm.engine.async_beam_search import beam_search_async
+from pagellm.engine.beam_search import beam_request_output
 from pagellm.engine.engine import EngineStats, LLMEngine
 from pagellm.engine.input_processor import PromptType
 from pagellm.outputs import RequestOutput
-from pagellm.sampling_params import SamplingParams
+from pagellm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +159,21 @@ class AsyncLLMEngine:
                 self._submit_abort(request_id)
                 if added and self.observer is not None:
                     self.observer.on_aborted(request_id)
+
+    async def beam_search(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                          params: BeamSearchParams, num_logprobs: int | None = None,
+                          skip_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
+        """Beam search for one validated, tokenized prompt, sharing the engine with every other
+        request (engine/async_beam_search.py).
+
+        Yields one finished RequestOutput (vLLM's shape): a CompletionOutput per beam, best
+        first, with the generated tokens only. `num_logprobs` makes each beam's logprob
+        entries hold at least the top that many, with their token texts. Closing or
+        cancelling it aborts the step requests in flight.
+        """
+        output = await beam_search_async(self, request_id, prompt_token_ids, params, num_logprobs)
+        yield await self.run(beam_request_output, request_id, prompt, prompt_token_ids, output,
+                             self.engine.tokenizer, skip_special_tokens, num_logprobs is not None)
 
     def _submit_abort(self, request_id: str) -> None:
         try:

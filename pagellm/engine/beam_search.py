@@ -3,7 +3,9 @@
 Each step turns every live beam into one engine request (its prompt plus the beam's tokens,
 max_tokens=1, top-K logprobs), runs them as one batch and keeps the best continuations. The
 beams of one prompt share their history, so the prefix cache serves it and each request only
-computes the tail that no earlier step has filled a block with.
+computes the tail that no earlier step has filled a block with. BeamSearchState is the state
+machine; `run_beam_search` drives it on an idle LLMEngine (offline), and
+engine/async_beam_search.py drives it on the server's shared AsyncLLMEngine.
 
 The rules are transformers' (generation/utils.py, `_beam_search`), so the beams match its:
 - K = max(2, 1 + number of EOS ids) * beam_width candidates are kept per step, ranked by
@@ -25,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Literal
 
-from pagellm.outputs import Logprob
+from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagellm.sampling_params import BeamSearchParams, SamplingParams
 
 if TYPE_CHECKING:
@@ -141,30 +143,53 @@ class BeamSearchState:
         return BeamSearchOutput(sequences=list(self.finished))
 
 
+def new_search_state(prompt_token_ids: list[int], params: BeamSearchParams, max_model_len: int,
+                     eos_token_ids: set[int], early_stopping: EarlyStopping | None = None) -> BeamSearchState:
+    """The search for one tokenized prompt, its length capped by the context.
+
+    `early_stopping` overrides `params.early_stopping` when given. Raises ValueError when the
+    prompt leaves no room in the context for one generated token.
+    """
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {max_model_len}, which "
+                         "leaves no room to generate")
+    stopping = params.early_stopping if early_stopping is None else early_stopping
+    return BeamSearchState(prompt_token_ids, params.beam_width,
+                           min(params.max_tokens, max_model_len - len(prompt_token_ids)), eos_token_ids,
+                           params.ignore_eos, params.length_penalty, stopping)  # type: ignore[arg-type]
+
+
+def expansion_params(num_logprobs: int) -> SamplingParams:
+    """The engine request for one beam's next token: one greedy token (never ended by EOS, so
+    the search decides) with its top `num_logprobs` alternatives. Shared by the requests of a
+    step (the engine does not mutate it)."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+    # Set after validation: the OpenAI cap on logprobs (20) is for users; the sampler takes any k.
+    params.logprobs = num_logprobs
+    return params
+
+
 def run_beam_search(engine: LLMEngine, prompts: list[list[int]], params: BeamSearchParams,
-                    early_stopping: EarlyStopping = False, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+                    early_stopping: EarlyStopping | None = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
     """Beam search for each tokenized prompt, all prompts batched together at every step.
 
-    Drives `engine` itself, so the engine must have no other work (RuntimeError otherwise).
-    Raises ValueError when a prompt leaves no room in the context for one generated token.
+    `early_stopping` overrides `params.early_stopping` when given. Drives `engine` itself, so
+    the engine must have no other work (RuntimeError otherwise); the server's driver, which
+    shares the engine, is engine/async_beam_search.py. Raises ValueError when a prompt leaves
+    no room in the context for one generated token.
     """
     if engine.has_unfinished_requests():
         raise RuntimeError("beam search drives the engine itself; it must have no other requests")
     max_len = engine.model_config.max_model_len
-    states = []
-    for ids in prompts:
-        if len(ids) >= max_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {max_len}, which leaves no room "
-                             "to generate")
-        states.append(BeamSearchState(ids, params.beam_width, min(params.max_tokens, max_len - len(ids)),
-                                      engine.eos_token_ids, params.ignore_eos, params.length_penalty, early_stopping))
+    states = [new_search_state(ids, params, max_len, engine.eos_token_ids, early_stopping) for ids in prompts]
+    step_params = expansion_params(states[0].num_candidates) if states else None
     bar = _progress_bar(params.max_tokens) if use_tqdm else None
     try:
         while True:
             live = [s for s in states if not s.done]
             if not live:
                 break
-            outputs = _expand(engine, [beam.tokens for s in live for beam in s.running], live[0].num_candidates)
+            outputs = _expand(engine, [beam.tokens for s in live for beam in s.running], step_params)
             offset = 0
             for state in live:
                 count = len(state.running)
@@ -183,11 +208,34 @@ def run_beam_search(engine: LLMEngine, prompts: list[list[int]], params: BeamSea
     return results
 
 
-def _expand(engine: LLMEngine, sequences: Iterable[list[int]], num_candidates: int) -> list[dict[int, Logprob]]:
-    """One step: each sequence's next-token logprobs (its top `num_candidates`)."""
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
-    # Set after validation: the OpenAI cap on logprobs (20) is for users; the sampler takes any k.
-    params.logprobs = num_candidates
+def beam_request_output(request_id: str, prompt: str | None, prompt_token_ids: list[int], output: BeamSearchOutput,
+                        tokenizer, skip_special_tokens: bool = True,
+                        with_token_text: bool = False) -> RequestOutput:
+    """One prompt's beams as a finished RequestOutput, as vLLM's server returns them: one
+    CompletionOutput per beam, best first, holding only the generated tokens; the text leaves
+    out a final EOS token. `with_token_text` fills the logprob entries' decoded_token (the
+    search runs without detokenizing)."""
+    prompt_len = len(prompt_token_ids)
+    completions = []
+    for index, seq in enumerate(output.sequences):
+        generated = seq.tokens[prompt_len:]
+        shown = generated[:-1] if seq.finish_reason == "stop" else generated
+        text = tokenizer.decode(shown, skip_special_tokens=skip_special_tokens) if tokenizer is not None else ""
+        if with_token_text and tokenizer is not None:
+            for entry in seq.logprobs:
+                for token, lp in entry.items():
+                    if lp.decoded_token is None:
+                        lp.decoded_token = tokenizer.decode([token])
+        completions.append(CompletionOutput(index=index, text=text, token_ids=generated,
+                                            cumulative_logprob=seq.cum_logprob, logprobs=seq.logprobs,
+                                            finish_reason=seq.finish_reason or "length",
+                                            stop_reason=seq.stop_reason))
+    return RequestOutput(request_id=request_id, prompt=prompt, prompt_token_ids=list(prompt_token_ids),
+                         prompt_logprobs=None, outputs=completions, finished=True)
+
+
+def _expand(engine: LLMEngine, sequences: Iterable[list[int]], params: SamplingParams) -> list[dict[int, Logprob]]:
+    """One step: each sequence's next-token logprobs (its top `params.logprobs`)."""
     ids = []
     for tokens in sequences:
         rid = f"beam-{engine.new_request_id()}"

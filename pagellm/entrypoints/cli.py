@@ -51,7 +51,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_args_from(args: argparse.Namespace, model: str | None, served_model_name: str | None = None):
     """EngineArgs from parsed flags. Raises ValueError for a bad value."""
-    from pagellm.engine.args import EngineArgs
+    from pagellm.engine.args import EngineArgs, resolve_task
 
     return EngineArgs(model=model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -60,7 +60,8 @@ def engine_args_from(args: argparse.Namespace, model: str | None, served_model_n
                       enforce_eager=args.enforce_eager, load_format=args.load_format,
                       generation_config=args.generation_config, device=args.device,
                       served_model_name=served_model_name,
-                      enable_prefix_caching=getattr(args, "enable_prefix_caching", True))
+                      enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
+                      task=resolve_task(getattr(args, "task", None), getattr(args, "runner", None)))
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -108,7 +109,8 @@ def _model_from(args: argparse.Namespace) -> str | None:
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible server",
                        description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, "
-                                   "/v1/models, /tokenize, /detokenize, /health, /metrics, /version).")
+                                   "/v1/models, /tokenize, /detokenize, /health, /metrics, /version); with "
+                                   "--task embed, an embedding model on /v1/embeddings.")
     _add_model_arguments(p, positional=True)
     g = p.add_argument_group("server")
     g.add_argument("--host", default=None, help="address to listen on (default: all interfaces)")
@@ -119,6 +121,11 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="name(s) clients use in 'model' (default: the model argument)")
     g.add_argument("--chat-template", default=None, help="chat template: a Jinja file path or the template inline "
                                                          "(default: the model's)")
+    g.add_argument("--task", default=None, choices=["generate", "embed", "embedding"],
+                   help="'generate' (text models) or 'embed' (embedding models such as BERT: serves "
+                        "/v1/embeddings) (default: generate)")
+    g.add_argument("--runner", default=None, choices=["auto", "generate", "pooling"],
+                   help="vLLM's spelling of --task: 'pooling' is --task embed")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level (default: info)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,6 +20,15 @@ def build_model(source, dtype: torch.dtype, device: torch.device, seed: int = 0)
     `load_format == "dummy"` gives random weights of the right shapes (for benchmarks).
     """
     _, cls = resolve_model_class(source.hf_config)
+    return instantiate_model(cls, source, dtype, device, lambda model: _init_dummy(model, seed))
+
+
+def instantiate_model(cls: type[nn.Module], source, dtype: torch.dtype, device: torch.device,
+                      init_dummy: Callable[[nn.Module], None], kind: str = "model") -> nn.Module:
+    """`cls(source.hf_config)` on `device`, its parameters in `dtype`, filled by `init_dummy` for
+    load_format 'dummy' and from `source.iter_weights()` otherwise; in eval mode, its weights
+    prepacked when it can. `kind` names it in the log line. Raises ValueError when the
+    checkpoint lacks tensors the model has."""
     start = time.perf_counter()
     with torch.device(device):
         model = cls(source.hf_config)
@@ -26,7 +36,7 @@ def build_model(source, dtype: torch.dtype, device: torch.device, seed: int = 0)
     for param in model.parameters():
         param.data = param.data.to(dtype)
     if source.load_format == "dummy":
-        _init_dummy(model, seed)
+        init_dummy(model)
     else:
         loaded = model.load_weights(source.iter_weights())
         missing = sorted(set(dict(model.named_parameters())) - loaded)
@@ -35,7 +45,7 @@ def build_model(source, dtype: torch.dtype, device: torch.device, seed: int = 0)
     model.eval()
     if hasattr(model, "prepack_weights"):
         model.prepack_weights()
-    logger.info("model %s built in %.2f s (%s, %s)", cls.__name__, time.perf_counter() - start, dtype, device)
+    logger.info("%s %s built in %.2f s (%s, %s)", kind, cls.__name__, time.perf_counter() - start, dtype, device)
     return model
 
 

@@ -66,6 +66,12 @@ class CompletionRequest(SamplingFields):
     echo: Optional[bool] = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
+    # vLLM's beam search extras. n is the beam width; beams are ranked on the model's raw
+    # logprobs, so temperature and the other sampling knobs do not apply. early_stopping has
+    # transformers' meaning (False, True or "never"); vLLM's current server has no such field.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, Literal["never"]] = False
 
 
 class TextContentPart(OpenAIModel):
@@ -91,6 +97,10 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    # vLLM's beam search extras, as in CompletionRequest.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, Literal["never"]] = False
 
 
 class TokenizeRequest(OpenAIModel):
@@ -244,3 +254,35 @@ class ErrorInfo(OpenAIModel):
 
 class ErrorResponse(OpenAIModel):
     error: ErrorInfo
+
+
+# ---- embeddings (POST /v1/embeddings) --------------------------------------------------------
+
+
+class EmbeddingRequest(OpenAIModel):
+    """POST /v1/embeddings. `input`: a string, strings, token ids, or lists of token ids."""
+
+    model: Optional[str] = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = None
+    user: Optional[str] = None
+    # vLLM extras.
+    truncate_prompt_tokens: Optional[int] = None
+    add_special_tokens: bool = True
+
+
+class EmbeddingData(OpenAIModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    # float: the vector; base64: its little-endian float32 bytes.
+    embedding: Union[list[float], str]
+
+
+class EmbeddingResponse(OpenAIModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=_now)
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo

@@ -7,7 +7,7 @@ import logging
 import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -23,6 +23,7 @@ from pagellm.entrypoints.openai.protocol import (ChatCompletionRequest, Completi
                                                  TokenizeResponse)
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagellm.pooling.registry import check_generate_model
 
 logger = logging.getLogger("pagellm.server")
 
@@ -61,14 +62,23 @@ def load_chat_template(value: str | None) -> str | None:
     return value
 
 
-def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
-    """The FastAPI app serving `engine`. Starting the app starts the engine loop."""
-    sync = engine.engine
-    names = list(config.served_model_names) or [sync.model_config.model]
-    metrics = ServerMetrics(names[0])
-    engine.observer = metrics
-    completions = OpenAIServingCompletion(engine, names, config.chat_template)
-    chat = OpenAIServingChat(engine, names, config.chat_template)
+class ServedEngine(Protocol):
+    """What the shared app needs of an async engine (AsyncLLMEngine and AsyncEmbeddingEngine)."""
+
+    engine: Any  # the synchronous engine: `.model_config`, and `.args` when built from EngineArgs
+
+    @property
+    def is_running(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+def build_base_app(engine: ServedEngine, config: ServerConfig, names: Sequence[str], title: str) -> FastAPI:
+    """The app every server starts from, whatever its task: starting it starts `engine` (and
+    stopping it shuts the engine down); errors in OpenAI's format; the API key check when
+    `config.api_key` is set; and /health, /ping, /version and /v1/models (listing `names`)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -78,7 +88,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         finally:
             await engine.shutdown()
 
-    app = FastAPI(title="pagellm OpenAI-compatible server", version=pagellm.__version__, lifespan=lifespan)
+    app = FastAPI(title=title, version=pagellm.__version__, lifespan=lifespan)
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
@@ -95,6 +105,39 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     async def version() -> JSONResponse:
         return JSONResponse({"version": pagellm.__version__})
 
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        max_model_len = engine.engine.model_config.max_model_len
+        cards = [ModelCard(id=name, root=_model_path(engine), max_model_len=max_model_len) for name in names]
+        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
+
+    return app
+
+
+def add_unsupported_routes(app: FastAPI, apis: Mapping[str, str]) -> None:
+    """For each {path: API name}, a POST route that answers 400 "The model does not support
+    <API name>": the endpoints of another task than the one the model is served for."""
+    for path, api in apis.items():
+        app.add_api_route(path, _unsupported(api), methods=["POST"])
+
+
+def _unsupported(api: str) -> Callable[[], Awaitable[Response]]:
+    async def unsupported() -> Response:
+        raise OpenAIError(f"The model does not support {api}", 400)
+
+    return unsupported
+
+
+def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
+    """The FastAPI app serving `engine`. Starting the app starts the engine loop."""
+    sync = engine.engine
+    names = list(config.served_model_names) or [sync.model_config.model]
+    metrics = ServerMetrics(names[0])
+    engine.observer = metrics
+    completions = OpenAIServingCompletion(engine, names, config.chat_template)
+    chat = OpenAIServingChat(engine, names, config.chat_template)
+    app = build_base_app(engine, config, names, "pagellm OpenAI-compatible server")
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.update_stats(await engine.get_stats())
@@ -106,12 +149,6 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         await engine.run(engine.engine.reset_prefix_cache)
         return Response(status_code=200)
 
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        cards = [ModelCard(id=name, root=_model_path(engine), max_model_len=completions.max_model_len)
-                 for name in names]
-        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
-
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
         return await completions.create_completion(request, raw_request)
@@ -119,6 +156,9 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await chat.create_chat_completion(request, raw_request)
+
+    # As vLLM answers on a generation model; `--task embed` serves embedding models.
+    add_unsupported_routes(app, {"/v1/embeddings": "Embeddings API"})
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> JSONResponse:
@@ -144,7 +184,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     return app
 
 
-def _model_path(engine: AsyncLLMEngine) -> str:
+def _model_path(engine: ServedEngine) -> str:
     """What the user asked to load (a path, or the default model's name)."""
     args = getattr(engine.engine, "args", None)
     return getattr(args, "model", None) or engine.engine.model_config.model
@@ -152,16 +192,32 @@ def _model_path(engine: AsyncLLMEngine) -> str:
 
 def run_server(engine_args: EngineArgs, config: ServerConfig) -> None:
     """Loads the model, then serves until interrupted (Ctrl-C / SIGTERM)."""
-    import uvicorn
+    if engine_args.task == "embed":
+        from pagellm.entrypoints.openai.serving_embedding import create_embedding_app
 
+        embedder, app = create_embedding_app(engine_args, config)
+        mc = embedder.engine.model_config
+        logger.info("embedding model %s (served as %s): max_model_len %d, %d-dimensional vectors",
+                    engine_args.model, ", ".join(config.served_model_names) or mc.model, mc.max_model_len,
+                    mc.hidden_size)
+        serve_app(app, config)
+        return
+    check_generate_model(engine_args.model)
     engine = AsyncLLMEngine.from_engine_args(engine_args)
     sync = engine.engine
     app = build_app(engine, config)
-    host = config.host or "0.0.0.0"
     names = ", ".join(config.served_model_names) or sync.model_config.model
     logger.info("model %s (served as %s): max_model_len %d, KV cache capacity %d tokens, max_num_seqs %d",
                 _model_path(engine), names, sync.model_config.max_model_len, sync.kv_capacity_tokens,
                 sync.scheduler_config.max_num_seqs)
+    serve_app(app, config)
+
+
+def serve_app(app: FastAPI, config: ServerConfig) -> None:
+    """Runs `app` under uvicorn until interrupted."""
+    import uvicorn
+
+    host = config.host or "0.0.0.0"
     logger.info("OpenAI-compatible server on http://%s:%d (API key %s)", host, config.port,
                 "required" if config.api_key else "not required")
     # On shutdown, streams still open after a few seconds are cancelled (which aborts their

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: messages through the chat template, streamed or not."""
+"""POST /v1/chat/completions: messages through the chat template, streamed or not, sampled or
+beam-searched (`use_beam_search`)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from pagellm.entrypoints.openai.logprobs import chat_logprobs, prompt_logprobs_j
 from pagellm.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk,
                                                  ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                                  ChatStreamChoice, DeltaMessage, UsageInfo)
-from pagellm.entrypoints.openai.request_params import build_sampling_params
+from pagellm.entrypoints.openai.request_params import build_beam_search_params, build_sampling_params
 from pagellm.entrypoints.openai.serving_base import (SSE_DONE, OpenAIServing, await_unstreamed,
                                                      merge_streams, sse, stream_error)
 from pagellm.entrypoints.openai.text_stream import TextDeltaStream
 from pagellm.outputs import CompletionOutput, RequestOutput
-from pagellm.sampling_params import SamplingParams
+from pagellm.sampling_params import BeamSearchParams, SamplingParams
+
+# What shapes the text of a beam: no stop strings (beam search refuses them).
+_BEAM_TEXT_PARAMS = SamplingParams()
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -30,8 +34,14 @@ class OpenAIServingChat(OpenAIServing):
         model = self.resolve_model(request.model)
         params, text, ids = await self.engine.run(self._prepare, request)
         request_id = self.new_id("chatcmpl")
-        stream = self.engine.generate(request_id, {"prompt": text, "prompt_token_ids": ids}, params, arrival,
-                                      validated=(text, ids))
+        stream: AsyncIterator[RequestOutput]
+        if isinstance(params, BeamSearchParams):
+            # vLLM's shape: one finished output holding every beam, streamed only once it is done.
+            stream = self.engine.beam_search(request_id, text, ids, params, _num_logprobs(request),
+                                             request.skip_special_tokens)
+        else:
+            stream = self.engine.generate(request_id, {"prompt": text, "prompt_token_ids": ids}, params, arrival,
+                                          validated=(text, ids))
         if request.stream:
             return StreamingResponse(self._stream(request, request_id, model, params, len(ids), stream),
                                      media_type="text/event-stream")
@@ -40,7 +50,7 @@ class OpenAIServingChat(OpenAIServing):
             return final
         return JSONResponse(self._response(request, request_id, model, final).model_dump(mode="json"))
 
-    def _prepare(self, request: ChatCompletionRequest) -> tuple[SamplingParams, str, list[int]]:
+    def _prepare(self, request: ChatCompletionRequest) -> tuple[SamplingParams | BeamSearchParams, str, list[int]]:
         """Renders, tokenizes and checks the request (on the engine thread). Raises OpenAIError(400)."""
         if request.stream_options is not None and not request.stream:
             raise OpenAIError("stream_options is only allowed when stream is true", 400, param="stream_options")
@@ -54,11 +64,17 @@ class OpenAIServingChat(OpenAIServing):
         self.check_context(len(ids), max_tokens)
         if max_tokens is None:
             max_tokens = self.max_tokens_left(len(ids))
-        logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = build_sampling_params(request, self.default_params, max_tokens, logprobs, request.prompt_logprobs,
-                                       field_names={"logprobs": "top_logprobs"})
-        self.validate_sync({"prompt": text, "prompt_token_ids": ids}, params)
-        return params, text, ids
+        logprobs = _num_logprobs(request)
+        if request.use_beam_search:
+            params = build_beam_search_params(request, max_tokens, logprobs, field_names={"logprobs": "top_logprobs"})
+            # Each beam grows like one sequence of this length: check that it fits the KV pool.
+            self.validate_sync({"prompt": text, "prompt_token_ids": ids},
+                               SamplingParams(max_tokens=max_tokens, ignore_eos=request.ignore_eos))
+            return params, text, ids
+        sampling = build_sampling_params(request, self.default_params, max_tokens, logprobs, request.prompt_logprobs,
+                                         field_names={"logprobs": "top_logprobs"})
+        self.validate_sync({"prompt": text, "prompt_token_ids": ids}, sampling)
+        return sampling, text, ids
 
     def _logprobs(self, request: ChatCompletionRequest, c: CompletionOutput, start: int,
                   end: int) -> ChatChoiceLogprobs | None:
@@ -83,19 +99,24 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage,
                                       prompt_logprobs=prompt_logprobs)
 
-    async def _stream(self, request: ChatCompletionRequest, request_id: str, model: str, params: SamplingParams,
-                      num_prompt_tokens: int, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, model: str,
+                      params: SamplingParams | BeamSearchParams, num_prompt_tokens: int,
+                      stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
         created = int(time.time())
+        if isinstance(params, BeamSearchParams):
+            n, text_params = params.beam_width, _BEAM_TEXT_PARAMS
+        else:
+            n, text_params = params.n, params
 
         def chunk(choice: ChatStreamChoice) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
 
-        texts = [TextDeltaStream(params) for _ in range(params.n)]
-        sent_tokens = [0] * params.n
-        done = [False] * params.n
+        texts = [TextDeltaStream(text_params) for _ in range(n)]
+        sent_tokens = [0] * n
+        done = [False] * n
         try:
             # The role goes first, before any token, as OpenAI's stream does.
-            for index in range(params.n):
+            for index in range(n):
                 yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
             async for _, out in merge_streams([stream]):
                 for c in out.outputs:
@@ -120,6 +141,11 @@ class OpenAIServingChat(OpenAIServing):
         except Exception as exc:  # noqa: BLE001 - the stream has started; report in-band
             yield stream_error(exc)
         yield SSE_DONE
+
+
+def _num_logprobs(request: ChatCompletionRequest) -> int | None:
+    """Top alternatives per token the client asked for (None: no logprobs)."""
+    return (request.top_logprobs or 0) if request.logprobs else None
 
 
 async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:

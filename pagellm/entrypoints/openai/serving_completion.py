@@ -1,4 +1,5 @@
-"""POST /v1/completions: one or many prompts (text or token ids), streamed or not."""
+"""POST /v1/completions: one or many prompts (text or token ids), streamed or not, sampled or
+beam-searched (`use_beam_search`)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from pagellm.entrypoints.openai.errors import OpenAIError
 from pagellm.entrypoints.openai.logprobs import CompletionLogprobsBuilder, prompt_logprobs_json
 from pagellm.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
                                                  CompletionResponse, UsageInfo)
-from pagellm.entrypoints.openai.request_params import build_sampling_params
+from pagellm.entrypoints.openai.request_params import build_beam_search_params, build_sampling_params
 from pagellm.entrypoints.openai.serving_base import (SSE_DONE, OpenAIServing, await_unstreamed,
                                                      merge_streams, sse, stream_error)
 from pagellm.entrypoints.openai.text_stream import TextDeltaStream
 from pagellm.outputs import CompletionOutput, RequestOutput
-from pagellm.sampling_params import SamplingParams
+from pagellm.sampling_params import BeamSearchParams, SamplingParams
+
+# What shapes the text of a beam: no stop strings (beam search refuses them).
+_BEAM_TEXT_PARAMS = SamplingParams()
 
 
 @dataclass
@@ -27,8 +31,13 @@ class _Prompt:
 
     text: str | None  # None for token-id prompts unless echo needs their text
     token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams  # BeamSearchParams with use_beam_search
     first_token_text: str = ""  # the text of token 0, for echoed logprobs
+
+    @property
+    def text_params(self) -> SamplingParams:
+        """The params that decide how the streamed text is cut (stop strings)."""
+        return self.params if isinstance(self.params, SamplingParams) else _BEAM_TEXT_PARAMS
 
 
 @dataclass
@@ -52,9 +61,7 @@ class OpenAIServingCompletion(OpenAIServing):
         self._check_unsupported(request)
         prompts = await self.engine.run(self._prepare_prompts, request)
         request_id = self.new_id("cmpl")
-        streams = [self.engine.generate(f"{request_id}-{i}", {"prompt": p.text, "prompt_token_ids": p.token_ids},
-                                        p.params, arrival, validated=(p.text, p.token_ids))
-                   for i, p in enumerate(prompts)]
+        streams = [self._start(request, f"{request_id}-{i}", p, arrival) for i, p in enumerate(prompts)]
         if request.stream:
             return StreamingResponse(self._stream(request, request_id, model, prompts, streams),
                                      media_type="text/event-stream")
@@ -62,6 +69,16 @@ class OpenAIServingCompletion(OpenAIServing):
         if isinstance(finals, Response):
             return finals
         return JSONResponse(self._response(request, request_id, model, prompts, finals).model_dump(mode="json"))
+
+    def _start(self, request: CompletionRequest, request_id: str, prompt: _Prompt,
+               arrival: float) -> AsyncIterator[RequestOutput]:
+        """One prompt's outputs: the engine's as they come, or a beam search's single final one
+        (vLLM streams beam search only once it is done)."""
+        if isinstance(prompt.params, BeamSearchParams):
+            return self.engine.beam_search(request_id, prompt.text, prompt.token_ids, prompt.params,
+                                           request.logprobs, request.skip_special_tokens)
+        return self.engine.generate(request_id, {"prompt": prompt.text, "prompt_token_ids": prompt.token_ids},
+                                    prompt.params, arrival, validated=(prompt.text, prompt.token_ids))
 
     # ---- input --------------------------------------------------------------------------------
     @staticmethod
@@ -73,6 +90,9 @@ class OpenAIServingCompletion(OpenAIServing):
                               400, param="best_of")
         if request.stream_options is not None and not request.stream:
             raise OpenAIError("stream_options is only allowed when stream is true", 400, param="stream_options")
+        if request.use_beam_search and request.echo and request.logprobs is not None:
+            raise OpenAIError("logprobs with echo needs the prompt's logprobs, which beam search does not compute",
+                              400, param="logprobs")
 
     def _prepare_prompts(self, request: CompletionRequest) -> list[_Prompt]:
         """Tokenizes and checks every prompt (on the engine thread). Raises OpenAIError(400)."""
@@ -89,9 +109,16 @@ class OpenAIServingCompletion(OpenAIServing):
                 raise OpenAIError("prompt must not be empty", 400, param="prompt")
             max_tokens = self.max_tokens_left(len(ids)) if to_context else request.max_tokens
             self.check_context(len(ids), max_tokens)
-            params = build_sampling_params(request, self.default_params, max_tokens, request.logprobs,
-                                           want_prompt_logprobs)
-            self.validate_sync({"prompt": text, "prompt_token_ids": ids}, params)
+            params: SamplingParams | BeamSearchParams
+            if request.use_beam_search:
+                params = build_beam_search_params(request, max_tokens, request.logprobs)
+                # Each beam grows like one sequence of this length: check that it fits the KV pool.
+                self.validate_sync({"prompt": text, "prompt_token_ids": ids},
+                                   SamplingParams(max_tokens=max_tokens, ignore_eos=request.ignore_eos))
+            else:
+                params = build_sampling_params(request, self.default_params, max_tokens, request.logprobs,
+                                               want_prompt_logprobs)
+                self.validate_sync({"prompt": text, "prompt_token_ids": ids}, params)
             entry = _Prompt(text, ids, params)
             if request.echo:
                 if entry.text is None:
@@ -152,7 +179,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     state = states.get((i, c.index))
                     if state is None:
                         builder = CompletionLogprobsBuilder(request.logprobs) if request.logprobs is not None else None
-                        state = states[(i, c.index)] = _ChoiceState(TextDeltaStream(prompt.params), builder)
+                        state = states[(i, c.index)] = _ChoiceState(TextDeltaStream(prompt.text_params), builder)
                     if state.done:
                         continue
                     chunk = self._chunk(request, prompt, out, c, state, index=i * request.n + c.index)
