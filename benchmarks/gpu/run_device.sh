@@ -8,13 +8,14 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 Q=benchmarks/configs/qwen3-0.6b; L=benchmarks/configs/llama-3.1-8b
 for s in $STAGES; do case $s in
 check) timeout 240 python3 benchmarks/gpu/check_backends.py 2>&1 | tee $OUT/check.log | grep -E "PASS|FAIL|Error|error" ;;
-kernels) timeout 200 python3 -m pytest -q -m gpu tests/test_triton_kernels.py tests/test_sampler.py 2>&1 | tail -3 ;;
+kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py 2>&1 | tail -3 ;;
 thr) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 --output-json $OUT/thr.json $PROFILE 2>&1 | tee $OUT/thr.log | grep -E "Throughput|KV cache:|captured|memory profile"
      timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --num-prompts 64 --output-len 512 --max-model-len 4096 2>&1 | tail -1 ;;
 thr8b) timeout 200 python3 -m pagellm.benchmarks.throughput --model $L --load-format dummy --dtype bfloat16 --workload gpu-8b-thr --max-model-len 4096 --output-json $OUT/thr8b.json 2>&1 | tail -1
        timeout 120 python3 -m pagellm.benchmarks.throughput --model $L --load-format dummy --dtype bfloat16 --workload gpu-8b-thr --num-prompts 64 --output-len 214 --max-model-len 4096 2>&1 | tail -1 ;;
 lat) timeout 200 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 --output-json $OUT/lat.json 2>&1 | tee $OUT/lat.log | tail -1 ;;
 start) s0=$(date +%s.%N); timeout 120 python3 benchmarks/gpu/startup.py $L > $OUT/start.log 2>&1; s1=$(date +%s.%N); python3 -c "print('gpu-start: %.1f s' % ($s1 - $s0))"; tail -1 $OUT/start.log ;;
+prof) timeout 300 python3 benchmarks/gpu/profile_steps.py $Q ${PROF_ARGS:-} 2>&1 | tee $OUT/prof.log | grep -v INFO ;;
 pfx) for f in "" --no-enable-prefix-caching; do timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload shared-prefix --max-model-len 4096 $f 2>&1 | grep Throughput; done ;;
 peers8b) timeout 150 python3 benchmarks/gpu/hf_peer.py throughput --config $L --workload gpu-8b-thr --num-prompts 64 --output-len 214 2>&1 | tail -1 ;;
 peers) timeout 150 python3 benchmarks/gpu/hf_peer.py throughput --config $Q --num-prompts 64 --output-len 512 2>&1 | tail -1

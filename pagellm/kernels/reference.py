@@ -75,3 +75,37 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)                          # [H, Q, L]
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v)                    # [Q, H, D]
     return out.to(query.dtype)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0,
+                 residual: torch.Tensor | None = None):
+    """The oracle of `kernels.triton.rms_norm.rms_norm`: (norm(x + residual), x + residual) or norm(x)."""
+    s = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    f = s.float()
+    out = (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps) * (weight.float() + weight_offset)).to(x.dtype)
+    return out if residual is None else (out, s)
+
+
+def qk_norm_rope_ref(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, q_weight: torch.Tensor | None = None,
+                     k_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                     weight_offset: float = 0.0) -> torch.Tensor:
+    """The oracle of `kernels.triton.rotary.qk_norm_rope_`: returns a rotated copy of qkv."""
+    out = qkv.clone()
+    rotated = num_q_heads + num_kv_heads
+    x = qkv[:, :rotated].float()  # [T, H + Hkv, D]
+    if q_weight is not None:
+        w = torch.cat([q_weight.float().expand(num_q_heads, -1), k_weight.float().expand(num_kv_heads, -1)])
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (w + weight_offset)
+        x = x.to(qkv.dtype).float()
+    cs = cos_sin_cache[positions].to(qkv.dtype).float()  # [T, 2, D]
+    cos, sin = cs[:, 0, None, :], cs[:, 1, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    out[:, :rotated] = (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(qkv.dtype)
+    return out
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """The oracle of `kernels.triton.activation.silu_and_mul`."""
+    gate, up = x.chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate.float()).to(x.dtype).float() * up.float()).to(x.dtype)

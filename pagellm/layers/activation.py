@@ -36,9 +36,19 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class SiluAndMul(nn.Module):
-    """x [..., 2 * d] = [gate | up] -> silu(gate) * up  [..., d]."""
+    """x [..., 2 * d] = [gate | up] -> silu(gate) * up  [..., d]; one Triton kernel after `enable_triton()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_triton = False
+
+    def enable_triton(self) -> None:
+        self.use_triton = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton and x.dim() == 2:
+            from pagellm.kernels.triton.activation import silu_and_mul
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

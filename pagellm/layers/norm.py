@@ -8,10 +8,14 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight. `offset=1.0` gives Gemma's (1 + weight) form."""
+    """y = x / rms(x) * weight. `offset=1.0` gives Gemma's (1 + weight) form.
+
+    After `enable_triton()` 2-D inputs go through one Triton kernel that also does the residual add.
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0) -> None:
         super().__init__()
+        self.use_triton = False
         self.eps = eps
         self.offset = offset
         self.shape = (hidden_size,)
@@ -22,8 +26,14 @@ class RMSNorm(nn.Module):
         weight = self.weight + self.offset if self.offset else self.weight
         return F.rms_norm(x, self.shape, weight, self.eps)
 
+    def enable_triton(self) -> None:
+        self.use_triton = True
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x [..., hidden]. With `residual`, returns (norm(x + residual), x + residual)."""
+        if self.use_triton and x.dim() == 2:
+            from pagellm.kernels.triton.rms_norm import rms_norm
+            return rms_norm(x, self.weight, self.eps, self.offset, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

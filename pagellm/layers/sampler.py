@@ -255,9 +255,26 @@ class Sampler:
 
     Does not modify ``logits``. Draws from the default torch RNG for unseeded rows and
     advances each seeded row's generator by V uniform draws per random step.
+
+    With ``use_triton`` (CUDA), batches of plain temperature/greedy rows (no truncation, penalties,
+    seeds or logprobs: the common case) are sampled by one Triton pass over the logits
+    (Gumbel-max, kernels/triton/sampling.py), its seed drawn from the host's torch RNG.
     """
 
+    def __init__(self, use_triton: bool = False) -> None:
+        self.use_triton = use_triton
+
+    @staticmethod
+    def _plain(batch: SamplingBatch) -> bool:
+        return (batch.max_num_logprobs is None and not batch.needs_logit_processing and batch.top_p is None
+                and batch.top_k is None and batch.min_p is None and not batch.generators)
+
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if self.use_triton and logits.is_cuda and self._plain(batch):
+            from pagellm.kernels.triton.sampling import gumbel_sample
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))  # a CPU draw: no device sync
+            return SamplerOutput(sampled_token_ids=gumbel_sample(logits, batch.temperature, seed),
+                                 sampled_logprobs=None, topk_token_ids=None, topk_logprobs=None, sampled_ranks=None)
         raw = logits.float()  # [S, V]; may alias `logits`, so never written in place
         scores = self.process_logits(raw, batch)
 

@@ -167,15 +167,31 @@ class DecoderAttention(nn.Module):
             self.k_norm = make_norm(spec, d)
         self.qk_norm = spec.qk_norm
         self.rotary = rotary
+        self.fused_rope = False  # set by DecoderModel.enable_triton
         scale = spec.attn_scale if spec.attn_scale is not None else d ** -0.5
         self.attn = PagedAttention(h, hkv, d, scale=scale, sliding_window=sliding_window,
                                    logits_soft_cap=spec.attn_soft_cap)
 
+    @property
+    def can_fuse_rope(self) -> bool:
+        """Whether the Triton q/k norm + RoPE kernel covers this layer (full-width RoPE, RMS q/k norms)."""
+        return (self.rotary is not None and self.rotary.rotary_dim == self.head_dim
+                and (not self.qk_norm or isinstance(self.q_norm, RMSNorm)))
+
     def forward(self, cos_sin: torch.Tensor | None, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """`cos_sin`: the step's rotary rows (RotaryEmbedding.cos_sin), or the positions [T] once the
+        fused kernel is on (it reads this layer's rotary table itself)."""
         t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
         v = qkv[:, h + hkv:]  # [T, Hkv, D]
-        if self.qk_norm:
+        if self.fused_rope:
+            from pagellm.kernels.triton.rotary import qk_norm_rope_
+            norms = (self.q_norm, self.k_norm) if self.qk_norm else None
+            qk_norm_rope_(qkv, h, hkv, cos_sin, self.rotary.cos_sin_cache,
+                          norms[0].weight if norms else None, norms[1].weight if norms else None,
+                          norms[0].eps if norms else 1e-6, norms[0].offset if norms else 0.0)
+            q, k = qkv[:, :h], qkv[:, h:h + hkv]
+        elif self.qk_norm:
             q, k = self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h:h + hkv])  # [T, H, D], [T, Hkv, D]
             if self.rotary is not None:
                 q, k = self.rotary.rotate(q, cos_sin), self.rotary.rotate(k, cos_sin)
@@ -288,6 +304,15 @@ class DecoderModel(nn.Module):
                          make_mlp(spec, i))
             for i in range(spec.num_layers))
         self.norm = make_norm(spec) if spec.final_norm else None
+        self.fused_rope = False
+
+    def enable_triton(self) -> None:
+        """Rotates q/k with the fused Triton kernel when every layer's attention allows it."""
+        attentions = [layer.self_attn for layer in self.layers]
+        if self.rotary is not None and all(a.can_fuse_rope for a in attentions):
+            self.fused_rope = True
+            for a in attentions:
+                a.fused_rope = True
 
     def forward(self, input_ids, positions, meta):
         x, residual = self.embed_tokens(input_ids), None  # [T, hidden]
@@ -296,9 +321,12 @@ class DecoderModel(nn.Module):
             x = x * self.embed_scale.to(x.dtype)
         if self.learned_positions:
             x = x + self.embed_positions(positions + self.position_offset)
-        cos_sin = self.rotary.cos_sin(positions, x.dtype) if self.rotary is not None else None  # shared by layers
+        if self.fused_rope:
+            cos_sin = positions  # the fused kernel gathers each layer's cos/sin rows itself
+        else:
+            cos_sin = self.rotary.cos_sin(positions, x.dtype) if self.rotary is not None else None  # shared
         local_cos_sin = None
-        if self.local_rotary is not None:
+        if self.local_rotary is not None and not self.fused_rope:
             local_cos_sin = self.local_rotary.cos_sin(positions, x.dtype)
         for layer in self.layers:
             layer_cos_sin = local_cos_sin if local_cos_sin is not None and layer.sliding_window else cos_sin

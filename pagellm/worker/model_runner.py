@@ -70,6 +70,14 @@ class PendingStep:
         return self.result
 
 
+def _enable_triton_kernels(model: torch.nn.Module) -> None:
+    """Switches every layer that has a fused Triton kernel (RMSNorm, SiLU-and-mul, q/k norm + RoPE) to it."""
+    for module in model.modules():
+        enable = getattr(module, "enable_triton", None)
+        if callable(enable):
+            enable()
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
                  device: torch.device, attention_backend: str | None = None, max_num_seqs: int = 256,
@@ -87,6 +95,11 @@ class ModelRunner:
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         for layer in self.attn_layers:
             layer.backend = self.backend
+        if self.backend.name == "triton":
+            # The Triton path also fuses the small per-layer ops and samples in one pass; the torch
+            # backend stays the plain-PyTorch reference.
+            _enable_triton_kernels(model)
+            self.sampler.use_triton = True
         self.graphs: DecodeGraphs | None = None
         self.staging = StagingBuffers(device)
         self.num_blocks = self._allocate_kv_cache()
@@ -266,7 +279,7 @@ class ModelRunner:
             logits = self.graphs.replay(
                 num_seqs, ids_t,
                 self._to_device(positions, torch.int64, "positions"), self._to_device(slots, torch.int64, "slots"),
-                self._to_device(seq_lens, torch.int32, "seq_lens"), self._block_table_tensor(tables)).float()
+                self._to_device(seq_lens, torch.int32, "seq_lens"), self._block_table_tensor(tables))
             hidden = None
         else:
             meta = self._metadata(query_lens, seq_lens, tables, slots, num_decodes)
@@ -275,7 +288,7 @@ class ModelRunner:
             logits = None
             if sampling:
                 rows = self._to_device(logits_rows, torch.int64, "rows")
-                logits = self.model.compute_logits(hidden[rows]).float()  # [S, V]
+                logits = self.model.compute_logits(hidden[rows])  # [S, V], the model's dtype
 
         self.staging.end_step()
         result = StepResult(sampled={}, logprobs={}, prompt_logprobs={})

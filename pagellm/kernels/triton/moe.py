@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # varies per step; see paged_attention.py
 def _grouped_matmul_kernel(
     a_ptr, b_ptr, c_ptr, weight_ptr, rows_ptr, tile_expert_ptr,
     N, K, num_rows,

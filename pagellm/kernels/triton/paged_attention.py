@@ -79,7 +79,9 @@ def _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# Step-varying ints are not specialized: Triton would otherwise compile a new variant the first
+# time a step has, say, a multiple of 16 sequences (half a second in the middle of a run).
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attention_kernel(
     out_ptr, partial_out_ptr, partial_lse_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr,
