@@ -93,8 +93,8 @@ def test_silu_and_mul_matches_reference(dtype):
 
 
 def test_gumbel_sample_greedy_rows_take_the_first_argmax():
-    logits = torch.randn(4, 300).to(DEVICE)
-    logits[2, 17] = logits[2, 250] = 50.0  # a tie: the lower index wins, as torch.argmax
+    logits = torch.randn(4, 3000).to(DEVICE)  # several column chunks per row
+    logits[2, 17] = logits[2, 2500] = 50.0  # a tie across chunks: the lower index wins, as torch.argmax
     out = gumbel_sample(logits, torch.zeros(4, device=DEVICE), seed=3)
     assert out.tolist() == logits.argmax(-1).tolist()
     assert out[2].item() == 17

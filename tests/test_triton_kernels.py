@@ -320,6 +320,8 @@ def test_split_heuristic(monkeypatch):
     assert select(cuda, 4, 8, 1, 8192) == 16          # two waves of 132 programs
     assert select(cuda, 1, 8, 1, 700) == 2            # each split keeps >= 256 keys
     assert select(cuda, 64, 8, 1, 8192) == 1          # enough programs already
+    assert select(cuda, 24, 8, 1, 8192) == 2          # 1-3 programs per SM: two splits even the last wave
+    assert select(cuda, 24, 8, 1, 300) == 1           # ... unless a split would get < 256 keys
     assert select(cuda, 1, 8, 16, 8192) == 1          # prefill steps never split
     assert select(torch.device("cpu"), 1, 8, 1, 8192) == 1
     for batch in (1, 2, 3, 5, 16):

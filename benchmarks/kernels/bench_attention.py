@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--no-graph", action="store_true", help="time eager launches instead of graph replay")
     parser.add_argument("--compare-splits", action="store_true", help="also time with split-KV forced off")
+    parser.add_argument("--splits", type=int, nargs="+", default=None,
+                        help="time these split-KV counts too (e.g. 1 2 4 8), to tune the split heuristic")
     parser.add_argument("--config", action="append", default=[], metavar="MxNxWARPSxSTAGES",
                         help="time these tile configs instead of the default choice (repeatable)")
     args = parser.parse_args()
@@ -98,6 +100,8 @@ def main() -> None:
     header = f"{'batch':>5} {'context':>7} {'config':>12} {'splits':>6} {'us':>9} {'GB/s':>8} {'% peak':>7}"
     if args.compare_splits:
         header += f" {'us(1 split)':>12} {'GB/s':>8}"
+    for n in args.splits or []:
+        header += f" {f'us({n} splits)':>13}"
     print(header)
     for batch in args.batches:
         for context in args.contexts:
@@ -128,6 +132,10 @@ def main() -> None:
                     torch.cuda.synchronize()
                     ms1 = time_ms(lambda: run(1), not args.no_graph)
                     line += f" {ms1 * 1e3:>12.1f} {total / (ms1 * 1e-3) / 1e9:>8.0f}"
+                for n in args.splits or []:
+                    run(n)
+                    torch.cuda.synchronize()
+                    line += f" {time_ms(lambda: run(n), not args.no_graph) * 1e3:>13.1f}"
                 print(line, flush=True)
             torch.cuda.synchronize()
             del step, call_args, out

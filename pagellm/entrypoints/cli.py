@@ -30,7 +30,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="context length in tokens, prompt plus output (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch (default: 256)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="most tokens in one step (default: 8192 on GPU, 2048 on CPU)")
+                   help="most tokens in one step (default on GPU: 8192 for the server, 16384 offline; 2048 on CPU)")
     g.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128],
                    help="tokens per KV cache block (default: 16)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -49,7 +49,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
-def engine_args_from(args: argparse.Namespace, model: str | None, served_model_name: str | None = None):
+def engine_args_from(args: argparse.Namespace, model: str | None, served_model_name: str | None = None,
+                     usage_context: str = "llm"):
     """EngineArgs from parsed flags. Raises ValueError for a bad value."""
     from pagellm.engine.args import EngineArgs, resolve_task
 
@@ -61,7 +62,8 @@ def engine_args_from(args: argparse.Namespace, model: str | None, served_model_n
                       generation_config=args.generation_config, device=args.device,
                       served_model_name=served_model_name,
                       enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
-                      task=resolve_task(getattr(args, "task", None), getattr(args, "runner", None)))
+                      task=resolve_task(getattr(args, "task", None), getattr(args, "runner", None)),
+                      usage_context=usage_context)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -149,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _configure_logging(logging.INFO)
     config = server_config_from(args)
     names = config.served_model_names
-    run_server(engine_args_from(args, _model_from(args), names[0] if names else None), config)
+    run_server(engine_args_from(args, _model_from(args), names[0] if names else None, "server"), config)
 
 
 def _add_generate_parser(sub: argparse._SubParsersAction) -> None:

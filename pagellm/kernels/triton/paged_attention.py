@@ -257,10 +257,16 @@ def select_num_splits(device: torch.device, num_seqs: int, num_kv_heads: int, ma
         return 1
     programs = num_seqs * num_kv_heads
     num_sms = _num_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= num_sms:
+    if programs >= 3 * num_sms:
         return 1
-    # Aim for two waves of programs, but give every split at least _MIN_KEYS_PER_SPLIT keys.
-    wanted = triton.next_power_of_2(math.ceil(2 * num_sms / max(programs, 1)))
+    if programs >= num_sms:
+        # One to three programs per SM leave the last wave ragged: two splits evened it out on an
+        # H200 (Qwen3-0.6B shapes, batch 24-32: 14-23% faster; batch 48 and up: one split is best).
+        wanted = 2
+    else:
+        # Aim for two waves of programs.
+        wanted = triton.next_power_of_2(math.ceil(2 * num_sms / max(programs, 1)))
+    # Every split gets at least _MIN_KEYS_PER_SPLIT keys.
     useful = max(1, max_seq_len // _MIN_KEYS_PER_SPLIT)
     return min(wanted, _MAX_SPLITS, 1 << (useful.bit_length() - 1))
 
