@@ -21,6 +21,7 @@ def _grouped_matmul_kernel(
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
     A_ROW_DIVISOR: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32: tl.dot would otherwise round fp32 inputs to tf32
 ):
     # C[row, :] = A[row // A_ROW_DIVISOR, :] @ B[expert].T (* weight[row]) for the rows of one tile.
     tile = tl.program_id(0)
@@ -41,7 +42,7 @@ def _grouped_matmul_kernel(
         k_ok = offs_k + k0 < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)  # [BK, BN]
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if MUL_WEIGHT:
@@ -90,7 +91,8 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, tile_ex
         a, b, c, w, rows, tile_expert, n, k, num_rows,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         A_ROW_DIVISOR=a_row_divisor, MUL_WEIGHT=weights is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
     return c
 
 
