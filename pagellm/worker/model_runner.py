@@ -19,6 +19,7 @@ from pagellm.layers.attention import AttentionMetadata, get_attention_backend
 from pagellm.layers.attention.layer import PagedAttention
 from pagellm.layers.sampler import Sampler, SamplingBatch, gather_logprobs
 from pagellm.worker.cuda_graphs import DecodeGraphs
+from pagellm.worker.host_memory import keep_freed_memory
 from pagellm.worker.staging import StagingBuffers
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
                  device: torch.device, attention_backend: str | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048) -> None:
+        if device.type == "cpu":
+            keep_freed_memory()
         self.model = model
         self.model_config = model_config
         self.cache_config = cache_config

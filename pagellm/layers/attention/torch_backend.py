@@ -62,6 +62,19 @@ def _plan(meta: AttentionMetadata, block_size: int, window: int | None) -> list[
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
+    def __init__(self) -> None:
+        # Gathered K/V blocks land in buffers reused by every layer and step: fresh tens-of-MB
+        # tensors would page-fault on each use (on the CPU that was slower than the copy itself).
+        self._gather_buffers: dict[str, torch.Tensor] = {}
+
+    def _gather(self, name: str, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """table [num_blocks, W] rows `ids` [N] -> [N, W], in a reused buffer (valid until the next call)."""
+        need = ids.numel() * table.shape[1]
+        buf = self._gather_buffers.get(name)
+        if buf is None or buf.numel() < need or buf.dtype != table.dtype or buf.device != table.device:
+            buf = self._gather_buffers[name] = torch.empty(need, dtype=table.dtype, device=table.device)
+        return torch.index_select(table, 0, ids, out=buf[:need].view(ids.numel(), table.shape[1]))
+
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
@@ -89,8 +102,8 @@ class TorchAttentionBackend(AttentionBackend):
         for g in groups:
             length = g.num_blocks * block_size
             # index_select on whole blocks is a plain row copy, faster than advanced indexing.
-            k = rows.index_select(0, g.block_ids).view(g.num_seqs, length, num_kv_heads, head_dim)
-            v = v_rows.index_select(0, g.block_ids).view(g.num_seqs, length, num_kv_heads, head_dim)
+            k = self._gather("k", rows, g.block_ids).view(g.num_seqs, length, num_kv_heads, head_dim)
+            v = self._gather("v", v_rows, g.block_ids).view(g.num_seqs, length, num_kv_heads, head_dim)
             q = query[g.lo:g.hi]  # [n, H, D] decodes, or [Q, H, D] for one prefill
             q = q.unsqueeze(2) if g.is_decode else q.transpose(0, 1)[None]  # [B, H, Q, D]
             out = self._attend(q, k.transpose(1, 2), v.transpose(1, 2), g.mask, scale, logits_soft_cap)
