@@ -337,6 +337,25 @@ def test_repeated_prompt_hit_rate(tiny_llm) -> None:
     assert all(r.outputs[0].token_ids == first.outputs[0].token_ids for r in repeats)
 
 
+def test_burst_sharing_a_new_prefix_computes_it_once(tiny_llm, uncached_llm) -> None:
+    # Six requests arrive together with a 64-token prefix nobody has computed: the first computes
+    # it, the others wait one step and find it cached (before, each of them in the first step's
+    # budget computed it again).
+    rng = random.Random(14)
+    system = [rng.randrange(3, VOCAB) for _ in range(64)]
+    prompts = [{"prompt_token_ids": system + [rng.randrange(3, VOCAB) for _ in range(5 + i)]} for i in range(6)]
+    params = [SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2)] * 6
+    engine = tiny_llm.llm_engine
+    before = engine.stats()
+    _assert_same(tiny_llm.generate(prompts, params, use_tqdm=False),
+                 uncached_llm.generate(prompts, params, use_tqdm=False))
+    after = engine.stats()
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 5 * 64
+    computed = after.prompt_tokens - before.prompt_tokens
+    assert computed == 64 + sum(5 + i for i in range(6)), computed
+    assert engine.kv_cache.num_used_blocks == 0
+
+
 def test_reset_prefix_cache(tiny_llm) -> None:
     rng = random.Random(13)
     prompt = {"prompt_token_ids": [rng.randrange(3, VOCAB) for _ in range(40)]}

@@ -250,6 +250,27 @@ class KVCacheManager:
             parent_entry = self.pool.entry(block).entry_id
         return blocks
 
+    def uncomputed_block_hashes(self, request: Request) -> list[int]:
+        """Hashes of the shareable full blocks the request has still to compute (none with caching off).
+
+        The scheduler holds back a new request whose next block is among those of a request
+        already computing it, so that a burst of requests with one system prompt computes it once.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        first = request.num_computed_tokens // self.block_size
+        last = self.num_shareable_blocks(request)
+        if last <= first:
+            return []
+        return self._hashes(request, last, request.all_token_ids)[first:last]
+
+    def next_block_hash(self, request: Request, num_computed_blocks: int) -> int | None:
+        """The hash of the first block a request would compute after `num_computed_blocks` found
+        ones, or None when that block is not shareable (or caching is off)."""
+        if not self.enable_prefix_caching or num_computed_blocks >= self.num_shareable_blocks(request):
+            return None
+        return self._hashes(request, num_computed_blocks + 1, request.all_token_ids)[num_computed_blocks]
+
     def _hashes(self, request: Request, num_blocks: int, tokens: list[int]) -> list[int]:
         return block_hash.block_hashes(tokens, self.block_size, num_blocks, request.cache_extra_keys,
                                        known=request.block_hashes)

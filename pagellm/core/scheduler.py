@@ -10,7 +10,9 @@ later from its prompt and outputs, so it is never lost or duplicated.
 Prefix caching lives in the KV cache manager; the scheduler's part is to ask it, when it admits
 a request, which leading blocks are already computed (so only the rest is scheduled), and to
 let it register the blocks that earlier steps filled. Siblings of an n > 1 request wait until
-the first sibling has computed the prompt, then share its blocks.
+the first sibling has computed the prompt, then share its blocks; likewise a new request whose
+next block another request is computing right now waits for it (a burst of requests with one
+system prompt computes the prompt once).
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ class Scheduler:
 
         if not out.preempted:
             deferred: list[Request] = []
+            # Blocks that running requests are still computing: a new request whose next block
+            # is one of them waits and then finds it cached, instead of computing it again.
+            in_flight = ({h for r in self.running for h in self.kv_cache.uncomputed_block_hashes(r)}
+                         if self.waiting else set())
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 request = self.waiting[0]
                 if request.num_pending:
@@ -105,6 +111,9 @@ class Scheduler:
                     deferred.append(self.waiting.popleft())
                     continue
                 computed = self.kv_cache.find_computed_blocks(request)
+                if in_flight and self.kv_cache.next_block_hash(request, len(computed or ())) in in_flight:
+                    deferred.append(self.waiting.popleft())
+                    continue
                 remaining = request.num_tokens - request.num_computed_tokens
                 remaining -= len(computed or ()) * self.kv_cache.block_size
                 num_new = min(remaining, budget)
@@ -116,6 +125,7 @@ class Scheduler:
                 request.fork_source = None
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
+                in_flight.update(self.kv_cache.uncomputed_block_hashes(request))
                 out.scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
             # Deferred siblings keep their place at the head of the queue.
