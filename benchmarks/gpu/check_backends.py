@@ -1,7 +1,7 @@
 """GPU correctness: the Triton backend with CUDA graphs against the PyTorch backend (eager).
 
 fp32: same greedy tokens on a tiny random Llama/Qwen3 and a SmolLM2-shaped model with random
-weights; bf16: close logprobs. Prints PASS/FAIL lines; exits 1 on any failure."""
+weights; bf16 and fp16: close logprobs. Prints PASS/FAIL lines; exits 1 on any failure."""
 
 from __future__ import annotations
 
@@ -55,9 +55,9 @@ def main() -> int:
         ok = same == len(prompts)
         failures += not ok
         print(f"{'PASS' if ok else 'FAIL'} fp32 greedy {name}: {same}/{len(prompts)} prompts identical")
-        if name != "smollm2-shape":
-            ref = run(folder, "torch", True, "bfloat16", prompts, fmt, logprobs=1)
-            fast = run(folder, "triton", False, "bfloat16", prompts, fmt, logprobs=1)
+        for half in (("bfloat16", "float16") if name != "smollm2-shape" else ()):
+            ref = run(folder, "torch", True, half, prompts, fmt, logprobs=1)
+            fast = run(folder, "triton", False, half, prompts, fmt, logprobs=1)
             worst = 0.0
             for a, b in zip(ref, fast):
                 for ta, tb, la, lb in zip(a.outputs[0].token_ids, b.outputs[0].token_ids,
@@ -67,7 +67,7 @@ def main() -> int:
                     worst = max(worst, abs(la[ta].logprob - lb[tb].logprob))
             ok = worst < 0.1
             failures += not ok
-            print(f"{'PASS' if ok else 'FAIL'} bf16 logprobs {name}: max |diff| {worst:.4f} on shared prefix")
+            print(f"{'PASS' if ok else 'FAIL'} {half} logprobs {name}: max |diff| {worst:.4f} on shared prefix")
     return 1 if failures else 0
 
 
