@@ -178,6 +178,16 @@ class DecoderAttention(nn.Module):
         return (self.rotary is not None and self.rotary.rotary_dim == self.head_dim
                 and (not self.qk_norm or isinstance(self.q_norm, RMSNorm)))
 
+    def _norm_and_rotate_in_place(self, qkv: torch.Tensor, positions: torch.Tensor) -> None:
+        """The q/k norms (if any) and RoPE on qkv [T, H + 2 Hkv, D], in place, as one Triton kernel."""
+        from pagellm.kernels.triton.rotary import qk_norm_rope_
+        table = self.rotary.cos_sin_cache
+        if self.qk_norm:  # q and k norms share eps and offset (one spec)
+            qk_norm_rope_(qkv, self.num_heads, self.num_kv_heads, positions, table, self.q_norm.weight,
+                          self.k_norm.weight, self.q_norm.eps, self.q_norm.offset)
+        else:
+            qk_norm_rope_(qkv, self.num_heads, self.num_kv_heads, positions, table)
+
     def forward(self, cos_sin: torch.Tensor | None, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """`cos_sin`: the step's rotary rows (RotaryEmbedding.cos_sin), or the positions [T] once the
         fused kernel is on (it reads this layer's rotary table itself)."""
@@ -185,11 +195,7 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(x).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
         v = qkv[:, h + hkv:]  # [T, Hkv, D]
         if self.fused_rope:
-            from pagellm.kernels.triton.rotary import qk_norm_rope_
-            norms = (self.q_norm, self.k_norm) if self.qk_norm else None
-            qk_norm_rope_(qkv, h, hkv, cos_sin, self.rotary.cos_sin_cache,
-                          norms[0].weight if norms else None, norms[1].weight if norms else None,
-                          norms[0].eps if norms else 1e-6, norms[0].offset if norms else 0.0)
+            self._norm_and_rotate_in_place(qkv, cos_sin)
             q, k = qkv[:, :h], qkv[:, h:h + hkv]
         elif self.qk_norm:
             q, k = self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h:h + hkv])  # [T, H, D], [T, Hkv, D]
