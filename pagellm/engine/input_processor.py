@@ -7,6 +7,17 @@ from typing import Any, Mapping
 PromptType = str | list[int] | Mapping[str, Any]
 
 
+def check_token_ids(ids, vocab_size: int) -> list[int]:
+    """A prompt's token ids as a list; ValueError unless it is a non-empty list of ints in [0, vocab_size)."""
+    ids = list(ids)
+    if not ids:
+        raise ValueError("prompt must not be empty (prompt_token_ids has no tokens)")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"prompt_token_ids must be ints in [0, {vocab_size}); got {t!r}")
+    return ids
+
+
 class InputProcessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int) -> None:
         self.tokenizer = tokenizer
@@ -35,12 +46,7 @@ class InputProcessor:
             ids = prompt
         else:
             raise ValueError(f"prompt must be a string, a list of token ids or a dict; got {type(prompt).__name__}")
-        ids = list(ids)
-        if not ids:
-            raise ValueError("prompt must not be empty (prompt_token_ids has no tokens)")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise ValueError(f"prompt_token_ids must be ints in [0, {self.vocab_size}); got {t!r}")
+        ids = check_token_ids(ids, self.vocab_size)
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt is {len(ids)} tokens long, longer than max_model_len ({self.max_model_len})")
         return text, ids

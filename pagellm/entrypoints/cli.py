@@ -165,13 +165,19 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_generate)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def _terminal_engine(args: argparse.Namespace):
+    """(LLMEngine, SamplingParams) for the terminal commands, with quiet logging."""
     from pagellm.engine.engine import LLMEngine
-    from pagellm.entrypoints.chat_cli import stream_text
 
     _configure_logging(logging.WARNING)
     engine = LLMEngine(engine_args_from(args, _model_from(args)))
-    params = sampling_params_from(args, engine.default_sampling_params())
+    return engine, sampling_params_from(args, engine.default_sampling_params())
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from pagellm.entrypoints.chat_cli import stream_text
+
+    engine, params = _terminal_engine(args)
     prompt: object = args.prompt
     if args.chat:
         text = engine.inputs.render_chat([{"role": "user", "content": args.prompt}])
@@ -195,13 +201,10 @@ def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from pagellm.engine.engine import LLMEngine
     from pagellm.entrypoints.chat_cli import run_chat
     from pagellm.entrypoints.openai.server import load_chat_template
 
-    _configure_logging(logging.WARNING)
-    engine = LLMEngine(engine_args_from(args, _model_from(args)))
-    params = sampling_params_from(args, engine.default_sampling_params())
+    engine, params = _terminal_engine(args)
     run_chat(engine, params, args.system_prompt, load_chat_template(args.chat_template))
 
 

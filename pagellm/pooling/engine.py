@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from pagellm.engine.args import EngineArgs
+from pagellm.engine.input_processor import PromptType, check_token_ids
 from pagellm.models.loader import open_model_source
 from pagellm.outputs import EmbeddingOutput, EmbeddingRequestOutput
 from pagellm.pooling.config import PoolerConfig, load_max_seq_length, load_pooler_config
@@ -26,7 +27,6 @@ from pagellm.pooling.registry import build_pooling_model, resolve_pooling_model_
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | list[int] | Mapping[str, Any]
 
 # Padded tokens per forward pass when max_num_batched_tokens is unset. Encoders are small and
 # a batch is one pass, so the budget is larger than the decoder engine's per-step one.
@@ -136,7 +136,7 @@ class EmbeddingEngine:
                 if ids is None:
                     ids = self._checked_text_ids(text, encoded.get(index), limit)
                 else:
-                    ids = self._truncated(self._check_ids(ids), limit)
+                    ids = self._truncated(check_token_ids(ids, self.model_config.vocab_size), limit)
                 if len(ids) > self.model_config.max_model_len:
                     raise ValueError(f"prompt is {len(ids)} tokens long, longer than max_model_len "
                                      f"({self.model_config.max_model_len}); pass truncate_prompt_tokens to "
@@ -182,15 +182,6 @@ class EmbeddingEngine:
             return ids
         left = getattr(self.tokenizer, "truncation_side", "right") == "left"
         return ids[-limit:] if left else ids[:limit]
-
-    def _check_ids(self, ids: Sequence[Any]) -> list[int]:
-        if not ids:
-            raise ValueError("prompt must not be empty (prompt_token_ids has no tokens)")
-        vocab = self.model_config.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids must be ints in [0, {vocab}); got {t!r}")
-        return list(ids)
 
     # ---- running ---------------------------------------------------------------------------------
     def embed(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,

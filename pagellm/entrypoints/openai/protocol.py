@@ -130,6 +130,11 @@ class UsageInfo(OpenAIModel):
     completion_tokens: int = 0
     total_tokens: int = 0
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int = 0) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
 
 class CompletionLogProbs(OpenAIModel):
     text_offset: list[int] = Field(default_factory=list)

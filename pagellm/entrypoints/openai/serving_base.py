@@ -148,6 +148,17 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
 # ---- streaming and disconnects -------------------------------------------------------------
 
 
+def prompt_list(value: str | list[str] | list[int] | list[list[int]], field: str) -> list[str | list[int]]:
+    """A request's prompts from its `field`: one string, one token-id list, or a list of either."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise OpenAIError(f"{field} must not be empty", 400, param=field)
+    if all(isinstance(t, int) for t in value):
+        return [list(value)]  # type: ignore[arg-type]  # one tokenized prompt
+    return list(value)  # type: ignore[arg-type]
+
+
 def sse(payload: BaseModel | dict[str, Any]) -> str:
     """One server-sent event carrying a JSON payload."""
     data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)

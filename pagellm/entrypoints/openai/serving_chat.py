@@ -93,8 +93,7 @@ class OpenAIServingChat(OpenAIServing):
                    for c in out.outputs]
         prompt_tokens = len(out.prompt_token_ids)
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          total_tokens=prompt_tokens + completion_tokens)
+        usage = UsageInfo.of(prompt_tokens, completion_tokens)
         prompt_logprobs = prompt_logprobs_json(out.prompt_logprobs) if request.prompt_logprobs is not None else None
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage,
                                       prompt_logprobs=prompt_logprobs)
@@ -134,9 +133,7 @@ class OpenAIServingChat(OpenAIServing):
                                                  logprobs=logprobs, finish_reason=c.finish_reason,
                                                  stop_reason=c.stop_reason))
             if request.stream_options is not None and request.stream_options.include_usage:
-                completion_tokens = sum(sent_tokens)
-                usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=num_prompt_tokens + completion_tokens)
+                usage = UsageInfo.of(num_prompt_tokens, sum(sent_tokens))
                 yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - the stream has started; report in-band
             yield stream_error(exc)

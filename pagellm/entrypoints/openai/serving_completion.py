@@ -16,7 +16,7 @@ from pagellm.entrypoints.openai.protocol import (CompletionChoice, CompletionLog
                                                  CompletionResponse, UsageInfo)
 from pagellm.entrypoints.openai.request_params import build_beam_search_params, build_sampling_params
 from pagellm.entrypoints.openai.serving_base import (SSE_DONE, OpenAIServing, await_unstreamed,
-                                                     merge_streams, sse, stream_error)
+                                                     merge_streams, prompt_list, sse, stream_error)
 from pagellm.entrypoints.openai.text_stream import TextDeltaStream
 from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import BeamSearchParams, SamplingParams
@@ -102,7 +102,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.echo and request.logprobs is not None:
             want_prompt_logprobs = max(want_prompt_logprobs or 0, request.logprobs)
         prompts = []
-        for prompt in _prompt_list(request.prompt):
+        for prompt in prompt_list(request.prompt, "prompt"):
             text = prompt if isinstance(prompt, str) else None
             ids = self.encode_sync(prompt) if isinstance(prompt, str) else list(prompt)
             if not ids:
@@ -148,8 +148,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     prompt_logprobs=prompt_logprobs_json(out.prompt_logprobs) if request.prompt_logprobs is not None
                     else None))
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
-        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          total_tokens=prompt_tokens + completion_tokens)
+        usage = UsageInfo.of(prompt_tokens, completion_tokens)
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
 
     @staticmethod
@@ -187,9 +186,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[chunk]))
             if request.stream_options is not None and request.stream_options.include_usage:
                 prompt_tokens = sum(len(p.token_ids) for p in prompts)
-                completion_tokens = sum(s.num_tokens for s in states.values())
-                usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=prompt_tokens + completion_tokens)
+                usage = UsageInfo.of(prompt_tokens, sum(s.num_tokens for s in states.values()))
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - the stream has started; report in-band
             yield stream_error(exc)
@@ -217,15 +214,6 @@ class OpenAIServingCompletion(OpenAIServing):
                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
 
-def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    """The request's prompts: one string, one token-id list, or a list of either."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise OpenAIError("prompt must not be empty", 400, param="prompt")
-    if all(isinstance(t, int) for t in prompt):
-        return [list(prompt)]  # type: ignore[arg-type]
-    return list(prompt)  # type: ignore[arg-type]
 
 
 async def _collect(streams: Sequence[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:

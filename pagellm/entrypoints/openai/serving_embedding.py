@@ -20,7 +20,7 @@ from pagellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeRe
                                                  EmbeddingRequest, EmbeddingResponse, TokenizeRequest,
                                                  TokenizeResponse, UsageInfo)
 from pagellm.entrypoints.openai.server import ServerConfig, add_unsupported_routes, build_base_app
-from pagellm.entrypoints.openai.serving_base import OpenAIServing, await_unstreamed
+from pagellm.entrypoints.openai.serving_base import OpenAIServing, await_unstreamed, prompt_list
 from pagellm.pooling.async_engine import AsyncEmbeddingEngine
 
 # The first words of EmbeddingEngine.process_prompts' errors -> the request field they are about.
@@ -54,7 +54,7 @@ class OpenAIServingEmbedding:
             raise OpenAIError(f"dimensions must be {self.hidden_size} (this model's embedding size) or unset; "
                               f"got {request.dimensions}: the model has no matryoshka representation",
                               400, param="dimensions")
-        prompts = _prompts(request.input)
+        prompts = prompt_list(request.input, "input")
         token_ids = await self.engine.run(self._process_sync, prompts, request.truncate_prompt_tokens,
                                           request.add_special_tokens)
         vectors = await await_unstreamed(raw_request, self.engine.embed(token_ids))
@@ -65,7 +65,7 @@ class OpenAIServingEmbedding:
         body = EmbeddingResponse(
             id=OpenAIServing.new_id("embd"), model=model,
             data=[EmbeddingData(index=i, embedding=encode(v)) for i, v in enumerate(vectors)],
-            usage=UsageInfo(prompt_tokens=num_tokens, total_tokens=num_tokens))
+            usage=UsageInfo.of(num_tokens))
         return JSONResponse(body.model_dump(mode="json"))
 
     def _process_sync(self, prompts: list[str | list[int]], truncate_prompt_tokens: int | None,
@@ -105,14 +105,6 @@ class OpenAIServingEmbedding:
         return DetokenizeResponse(prompt=await self.engine.run(tokenizer.decode, request.tokens))
 
 
-def _prompts(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    if isinstance(value, str):
-        return [value]
-    if not value:
-        raise OpenAIError("input must not be empty", 400, param="input")
-    if all(isinstance(t, int) for t in value):
-        return [list(value)]  # type: ignore[arg-type]  # one tokenized prompt
-    return list(value)  # type: ignore[arg-type]
 
 
 def _floats(vector: torch.Tensor) -> list[float]:
