@@ -313,7 +313,7 @@ def test_rejects_bad_input():
 
 def test_split_heuristic(monkeypatch):
     # Pretend to be a 132-SM GPU; the heuristic reads host ints only, so no CUDA is needed.
-    monkeypatch.setattr(paged_attention_module, "_num_multiprocessors", lambda index: 132)
+    monkeypatch.setattr(paged_attention_module, "num_sms", lambda device: 132)
     select = paged_attention_module.select_num_splits
     cuda = torch.device("cuda", 0)
     assert select(cuda, 1, 8, 1, 8192) == 32          # one long sequence: split up to the cap

@@ -6,13 +6,14 @@ every engine step timed on the host and torch.profiler recording two windows: ea
 the wall time, the device's busy time (sum of kernel times) and the top kernels, and it writes
 a Chrome trace of each window to $OUT.
 
-usage: python benchmarks/gpu/profile_steps.py [CONFIG] [--num-prompts N]
+usage: python benchmarks/gpu/profile_steps.py [CONFIG] [--num-prompts N] [--latency --windows 20:100]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import time
 from collections import defaultdict
 
@@ -34,16 +35,23 @@ def main() -> None:
     p.add_argument("--workload", default="gpu-thr")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--windows", default="4:16,400:440", help="step ranges to profile, a:b,...")
+    p.add_argument("--latency", action="store_true",
+                   help="gpu-lat instead: one prompt of 512 random ids, 128 greedy tokens")
     args = p.parse_args()
     out_dir = os.environ.get("OUT", "/tmp/out")
     os.makedirs(out_dir, exist_ok=True)
 
     llm = LLM(args.config, load_format="dummy", dtype="bfloat16", max_model_len=4096, skip_tokenizer_init=True,
               kv_cache_memory=None if torch.cuda.is_available() else "1GiB")
-    work = standard_workload(args.workload, args.num_prompts)
-    prompts = [{"prompt_token_ids": t} for t in work.prompts]
-    params = [SamplingParams(temperature=work.temperature, max_tokens=m, ignore_eos=True, detokenize=False)
-              for m in work.max_tokens]
+    if args.latency:
+        rng = random.Random(0)
+        prompts = [{"prompt_token_ids": [rng.randint(0, 10000) for _ in range(512)]}]
+        params = [SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True, detokenize=False)]
+    else:
+        work = standard_workload(args.workload, args.num_prompts)
+        prompts = [{"prompt_token_ids": t} for t in work.prompts]
+        params = [SamplingParams(temperature=work.temperature, max_tokens=m, ignore_eos=True, detokenize=False)
+                  for m in work.max_tokens]
     llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)] * 2,
                  use_tqdm=False)
 
@@ -117,7 +125,7 @@ def report(prof, wall: float, steps: int, name: str, out_dir: str) -> None:
     rows.sort(reverse=True)
     print(f"== {name}: wall {wall * 1e3:.1f} ms for {steps} steps ({wall / steps * 1e3:.2f} ms/step), device busy "
           f"{kernel_us / 1e3:.1f} ms ({kernel_us / 1e3 / (wall * 1e3) * 100:.0f}%)")
-    for dev, count, key in rows[:18]:
+    for dev, count, key in rows[:int(os.environ.get("PROF_TOP", 18))]:
         print(f"   {dev / 1e3:9.2f} ms  {count:6d}x  {key[:90]}")
     cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     print("   host (self CPU):")

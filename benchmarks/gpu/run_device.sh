@@ -8,11 +8,17 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 Q=benchmarks/configs/qwen3-0.6b; L=benchmarks/configs/llama-3.1-8b
 for s in $STAGES; do case $s in
 check) timeout 240 python3 benchmarks/gpu/check_backends.py 2>&1 | tee $OUT/check.log | grep -E "PASS|FAIL|Error|error" ;;
-kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py 2>&1 | tail -3 ;;
+kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py tests/test_skinny_gemm.py 2>&1 | tail -3 ;;
+gemm) timeout 280 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 16 2>&1 | tee $OUT/gemm8b.log | sed -n '/^rows/,$p'
+      timeout 200 python3 benchmarks/kernels/bench_gemm.py --model qwen3-0.6b --rows 1 16 2>&1 | tee $OUT/gemmq.log | sed -n '/^rows/,$p' ;;
+gemmbig) timeout 280 python3 benchmarks/kernels/bench_gemm.py --model qwen3-0.6b --rows 64 176 256 --top 2 2>&1 | tee $OUT/gemmbig.log | sed -n '/^rows/,$p' ;;
+proflat) PROF_TOP=40 timeout 200 python3 benchmarks/gpu/profile_steps.py $L --latency --windows 40:100 2>&1 | tee $OUT/proflat.log | grep -v INFO ;;
+attn) timeout 200 python3 benchmarks/kernels/bench_attention.py --num-heads 16 --num-kv-heads 8 --batches 64 128 256 --contexts 1024 2048 $(for c in 16x64x4x2 16x32x4x2 16x64x4x3 16x64x2x2 16x128x4x2 16x128x8x2 16x64x8x2 16x32x2x2 16x128x4x3; do echo --config $c; done) 2>&1 | tee $OUT/attn.log ;;
 thr) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 --output-json $OUT/thr.json $PROFILE 2>&1 | tee $OUT/thr.log | grep -E "Throughput|KV cache:|captured|memory profile"
      timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --num-prompts 64 --output-len 512 --max-model-len 4096 2>&1 | tail -1 ;;
 thr8b) timeout 200 python3 -m pagellm.benchmarks.throughput --model $L --load-format dummy --dtype bfloat16 --workload gpu-8b-thr --max-model-len 4096 --output-json $OUT/thr8b.json 2>&1 | tail -1
        timeout 120 python3 -m pagellm.benchmarks.throughput --model $L --load-format dummy --dtype bfloat16 --workload gpu-8b-thr --num-prompts 64 --output-len 214 --max-model-len 4096 2>&1 | tail -1 ;;
+lat0) PAGELLM_SKINNY_GEMM=0 timeout 200 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 2>&1 | tail -1 ;;
 lat) timeout 200 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 --output-json $OUT/lat.json 2>&1 | tee $OUT/lat.log | tail -1 ;;
 start) s0=$(date +%s.%N); timeout 120 python3 benchmarks/gpu/startup.py $L > $OUT/start.log 2>&1; s1=$(date +%s.%N); python3 -c "print('gpu-start: %.1f s' % ($s1 - $s0))"; tail -1 $OUT/start.log ;;
 prof) timeout 300 python3 benchmarks/gpu/profile_steps.py $Q ${PROF_ARGS:-} 2>&1 | tee $OUT/prof.log | grep -v INFO ;;

@@ -33,6 +33,20 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  gated: bool = False) -> torch.Tensor | None:
+    """x @ weight^T (+ bias) through the Triton decode-batch kernel, or None where it does not apply
+    (too many rows, or a shape cuBLAS serves better). With `gated`, x is [gate | up] and the
+    product reads silu(gate) * up."""
+    from pagellm.kernels.triton.skinny_gemm import select_config, skinny_gemm
+    if x.dim() != 2 or x.stride(-1) != 1:
+        return None
+    config = select_config(x.shape[0], weight.shape[0], weight.shape[1], x.device)
+    if config is None:
+        return None
+    return skinny_gemm(x, weight, bias, config=config, gated=gated)
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b). `output_sizes` > 1 entries make it a fused projection of that many shards."""
 
@@ -44,14 +58,29 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.packed: torch.Tensor | None = None  # set by prepack(), after the weights are loaded
+        self.use_triton = False  # set by enable_triton(): decode-sized batches use the skinny kernel
 
     def prepack(self) -> None:
         self.packed = cpu_prepacked_weight(self.weight)
 
+    def enable_triton(self) -> None:
+        self.use_triton = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            y = skinny_linear(x, self.weight, self.bias)
+            if y is not None:
+                return y
         if self.packed is not None and x.dim() == 2:
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def forward_silu_gated(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """This layer applied to silu(gate) * up of gate_up [T, 2 * in], in one kernel; None where
+        the skinny kernel does not take the shape (the caller then runs the two steps)."""
+        if not self.use_triton:
+            return None
+        return skinny_linear(gate_up, self.weight, self.bias, gated=True)
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         """Copies checkpoint `tensor` into shard `shard` of the weight or bias named `name`."""

@@ -14,11 +14,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from pagellm.layers.activation import gated_activation, get_activation
+from pagellm.layers.activation import SiluAndMul, gated_activation, get_activation
 from pagellm.layers.attention.backend import AttentionMetadata
 from pagellm.layers.attention.layer import PagedAttention
 from pagellm.layers.layernorm import LayerNorm
-from pagellm.layers.linear import Linear, cpu_prepacked_weight, packed_linear
+from pagellm.layers.linear import Linear, cpu_prepacked_weight, packed_linear, skinny_linear
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.rotary import RotaryEmbedding, rope_inv_freq
 
@@ -222,7 +222,12 @@ class GatedMLP(nn.Module):
         self.act = gated_activation(spec.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)  # [T, 2 * size]
+        if isinstance(self.act, SiluAndMul) and self.act.use_triton:
+            fused = self.down_proj.forward_silu_gated(gate_up)  # decode batches: one kernel
+            if fused is not None:
+                return fused
+        return self.down_proj(self.act(gate_up))
 
 
 class MLP(nn.Module):
@@ -366,6 +371,10 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(spec, rotary, lambda s, layer: self.make_mlp(hf_config, s, layer), local_rotary)
         self.lm_head = None if spec.tie_word_embeddings else Linear(spec.hidden_size, spec.vocab_size,
                                                                     bias=spec.lm_head_bias)
+        self.use_triton_head = False  # a tied head through the skinny kernel (enable_triton)
+
+    def enable_triton(self) -> None:
+        self.use_triton_head = True
 
     def make_rotary(self, hf_config, spec: DecoderSpec) -> tuple[RotaryEmbedding | None, RotaryEmbedding | None]:
         """(RoPE of every layer, RoPE of the sliding-window layers or None to use the first)."""
@@ -385,18 +394,26 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab]."""
-        if self.lm_head is None:
-            packed = getattr(self, "_packed_lm_head", None)
-            if packed is not None and hidden.dim() == 2:
-                logits = packed_linear(hidden, packed, None)
-            else:
-                logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
-        else:
+        if self.lm_head is not None:
             logits = self.lm_head(hidden)
+        else:
+            logits = self._tied_head(hidden)
         cap = self.spec.final_soft_cap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _tied_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] @ the token embeddings^T: the skinny kernel, oneDNN's packed layout or F.linear."""
+        table = self.model.embed_tokens.weight
+        if self.use_triton_head:
+            logits = skinny_linear(hidden, table)
+            if logits is not None:
+                return logits
+        packed = getattr(self, "_packed_lm_head", None)
+        if packed is not None and hidden.dim() == 2:
+            return packed_linear(hidden, packed, None)
+        return torch.nn.functional.linear(hidden, table)
 
     def prepack_weights(self) -> None:
         """Lays out bf16 CPU weights for oneDNN once, after loading (see layers.linear)."""

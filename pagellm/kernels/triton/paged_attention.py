@@ -23,13 +23,14 @@ How the work is cut:
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from pagellm.kernels.triton.device_info import num_sms
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -223,11 +224,6 @@ def _merge_splits_kernel(
              mask=d_valid)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def select_config(device: torch.device, head_dim: int, group: int, max_query_len: int) -> AttentionKernelConfig:
     """Tile sizes for a step: small row tiles for decode-only steps, large ones once prefill is in."""
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
@@ -256,16 +252,16 @@ def select_num_splits(device: torch.device, num_seqs: int, num_kv_heads: int, ma
     if device.type != "cuda" or max_query_len > 1:
         return 1
     programs = num_seqs * num_kv_heads
-    num_sms = _num_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= 3 * num_sms:
+    sms = num_sms(device)
+    if programs >= 3 * sms:
         return 1
-    if programs >= num_sms:
+    if programs >= sms:
         # One to three programs per SM leave the last wave ragged: two splits evened it out on an
         # H200 (Qwen3-0.6B shapes, batch 24-32: 14-23% faster; batch 48 and up: one split is best).
         wanted = 2
     else:
         # Aim for two waves of programs.
-        wanted = triton.next_power_of_2(math.ceil(2 * num_sms / max(programs, 1)))
+        wanted = triton.next_power_of_2(math.ceil(2 * sms / max(programs, 1)))
     # Every split gets at least _MIN_KEYS_PER_SPLIT keys.
     useful = max(1, max_seq_len // _MIN_KEYS_PER_SPLIT)
     return min(wanted, _MAX_SPLITS, 1 << (useful.bit_length() - 1))

@@ -1,0 +1,183 @@
+"""Triton matmul for decode-sized batches: y [M, N] = x [M, K] @ W[N, K]^T (+ bias), M small.
+
+A decode step's GEMMs read every weight once for a handful of rows, so they are bound by weight
+bandwidth and by how many SMs have work. cuBLAS picks large tiles meant for big M; here a program
+owns a narrow strip of BLOCK_N weight rows for BLOCK_M rows of x and streams its K range through a
+software pipeline (num_stages), so even a 4096-wide output spreads over every SM.
+
+- USE_DOT: the strip is multiplied on tensor cores (x padded to BLOCK_M >= 16 rows); without it
+  (BLOCK_M == 1, a single row) the products accumulate as fp32 FMAs and reduce once at the end.
+- GATED: x is [M, 2K] = [gate | up] and the kernel reads silu(gate) * up as its input, so a
+  gated MLP's down projection needs no separate activation kernel (rounded as SiluAndMul rounds).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pagellm.kernels.triton.device_info import num_sms
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class SkinnyGemmConfig:
+    """Tiles and launch options. block_m 1 selects the FMA path (one row of x), else tensor cores."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.block_m != 1 and (self.block_m < 16 or self.block_m & (self.block_m - 1)):
+            raise ValueError(f"block_m must be 1 or a power of two >= 16; got {self.block_m}")
+        for name in ("block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16; got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1; got {self.num_stages}")
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+
+
+@triton.jit
+def _load_input(x_rows, ks, mask, K, GATED: tl.constexpr):
+    # [BM, BK] tile of the kernel's input: x itself, or silu(gate) * up from [gate | up].
+    if GATED:
+        gate = tl.load(x_rows + ks[None, :], mask=mask, other=0.0)
+        up = tl.load(x_rows + K + ks[None, :], mask=mask, other=0.0)
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # SiLU rounded to the model's dtype first
+        return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    return tl.load(x_rows + ks[None, :], mask=mask, other=0.0)
+
+
+# M varies with the batch: unspecialized so a batch of 1 or 16 does not compile a variant.
+@triton.jit(do_not_specialize=["M"])
+def _skinny_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                 # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                 # [BN]
+    offs_k = tl.arange(0, BLOCK_K)                                   # [BK]
+    m_valid = offs_m < M
+    n_valid = offs_n < N
+    # Rows past N re-read row 0 (always valid) instead of masking: loads stay unpredicated.
+    safe_n = tl.where(n_valid, offs_n, 0)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm        # [BM, 1]
+    w_rows = w_ptr + safe_n[:, None].to(tl.int64) * stride_wn        # [BN, 1]
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k                                             # [BK]
+        if EVEN_K:
+            w = tl.load(w_rows + ks[None, :])                                          # [BN, BK]
+            a = _load_input(x_rows, ks, m_valid[:, None], K, GATED)                    # [BM, BK]
+        else:
+            k_valid = ks < K
+            w = tl.load(w_rows + ks[None, :], mask=k_valid[None, :], other=0.0)
+            a = _load_input(x_rows, ks, m_valid[:, None] & k_valid[None, :], K, GATED)
+        if USE_DOT:
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)         # [BM, BN]
+        else:
+            acc += w.to(tl.float32) * a.to(tl.float32)                                # [BN, BK]
+    if USE_DOT:
+        out = acc
+    else:
+        out = tl.sum(acc, axis=1)[None, :]                                            # [1, BN]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                config: SkinnyGemmConfig, gated: bool = False) -> torch.Tensor:
+    """x [M, K] (or [M, 2K] = [gate | up] when `gated`) @ weight [N, K]^T (+ bias [N]) -> [M, N].
+
+    x, weight and bias share one dtype; last dimensions contiguous. With `gated` the input is
+    silu(gate) * up, each rounded to the dtype as SiluAndMul rounds it. No host-device sync.
+    """
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"x must be [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    num_rows, width = x.shape
+    n, k = weight.shape
+    if width != (2 * k if gated else k):
+        raise ValueError(f"x has {width} columns; weight [N, K={k}] needs {2 * k if gated else k}"
+                         f"{' ([gate | up])' if gated else ''}")
+    if x.dtype not in _SUPPORTED_DTYPES or weight.dtype != x.dtype:
+        raise ValueError(f"x and weight must share one dtype among float16/bfloat16/float32; "
+                         f"got {x.dtype} and {weight.dtype}")
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("x and weight must have contiguous last dimensions")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{n}] {x.dtype}; got {tuple(bias.shape)} {bias.dtype}")
+    if config.block_m == 1 and num_rows > 1:
+        raise ValueError(f"config.block_m 1 takes one row of x; got {num_rows}")
+    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    if num_rows == 0:
+        return out
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(num_rows, config.block_m))
+    _skinny_gemm_kernel[grid](
+        x, weight, bias if bias is not None else weight, out,
+        num_rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=k % config.block_k == 0, GATED=gated, HAS_BIAS=bias is not None,
+        USE_DOT=config.block_m > 1,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_IN_FP32=x.device.type != "cuda" and x.dtype != torch.float32,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+# Largest batch the skinny kernel takes; above it cuBLAS's large tiles win.
+MAX_SKINNY_ROWS = 16
+
+
+def select_config(num_rows: int, n: int, k: int, device: torch.device) -> SkinnyGemmConfig | None:
+    """The config for an [num_rows, k] x [n, k]^T product, or None where cuBLAS (F.linear) is the better call.
+
+    PAGELLM_SKINNY_GEMM=0 turns the kernel off (None always).
+    """
+    if num_rows > MAX_SKINNY_ROWS or num_rows == 0 or not _ENABLED:
+        return None
+    if device.type != "cuda":
+        # The CPU interpreter (tests): small tiles, so small shapes still cross tile edges.
+        return SkinnyGemmConfig(block_m=1 if num_rows == 1 else 16, block_n=16, block_k=32, num_warps=4,
+                                num_stages=1)
+    sms = num_sms(device)
+    # The widest strip that still gives every SM two programs.
+    block_n = 16
+    for candidate in (64, 32):
+        if triton.cdiv(n, candidate) >= 2 * sms:
+            block_n = candidate
+            break
+    if num_rows == 1:
+        return SkinnyGemmConfig(block_m=1, block_n=block_n, block_k=256, num_warps=4, num_stages=3)
+    return SkinnyGemmConfig(block_m=16, block_n=block_n, block_k=256, num_warps=4, num_stages=4)
+
+
+_ENABLED = os.environ.get("PAGELLM_SKINNY_GEMM", "1") != "0"

@@ -1,0 +1,86 @@
+"""The Triton skinny GEMM (decode-batch products, optional SiLU-gated input) against PyTorch.
+
+On the CPU it runs in Triton's interpreter at small shapes; with CUDA the `gpu` test adds the
+model shapes of Llama-3.1-8B and Qwen3-0.6B at decode batch sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagellm.kernels.reference import silu_and_mul_ref
+from pagellm.kernels.triton.skinny_gemm import MAX_SKINNY_ROWS, SkinnyGemmConfig, select_config, skinny_gemm
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+gpu = pytest.mark.gpu
+
+
+def _reference(x, w, b, gated):
+    x = silu_and_mul_ref(x) if gated else x
+    return F.linear(x.float(), w.float(), None if b is None else b.float())
+
+
+def _check(y, ref, dtype, k):
+    # fp32: summation order only. Half precision: the output's own rounding plus the input's.
+    scale = ref.abs().max().item() + 1.0
+    tol = {torch.float32: 1e-5 * k ** 0.5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    assert (y.float() - ref).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,config", [
+    (1, SkinnyGemmConfig(1, 16, 32, num_stages=1)),     # FMA path
+    (1, SkinnyGemmConfig(16, 16, 32, num_stages=2)),    # tensor-core path, one row padded to 16
+    (7, SkinnyGemmConfig(16, 32, 16, num_stages=2)),
+    (19, SkinnyGemmConfig(16, 16, 64, num_stages=1)),   # two row tiles, K not a multiple of BLOCK_K
+])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_gemm_matches_reference(dtype, rows, config, gated, bias):
+    g = torch.Generator().manual_seed(rows)
+    n, k = 40, 72  # N not a multiple of BLOCK_N: the last strip's rows are masked
+    x = torch.randn(rows, 2 * k if gated else k, generator=g).to(DEVICE, dtype)
+    w = torch.randn(n, k, generator=g).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    _check(skinny_gemm(x, w, b, config=config, gated=gated), _reference(x, w, b, gated), dtype, k)
+
+
+def test_skinny_gemm_strided_rows_and_bad_input():
+    x = torch.randn(3, 80).to(DEVICE)[:, :64]  # rows strided, last dim contiguous
+    w = torch.randn(24, 64).to(DEVICE)
+    config = SkinnyGemmConfig(16, 16, 32, num_stages=1)
+    _check(skinny_gemm(x, w, config=config), _reference(x, w, None, False), torch.float32, 64)
+    with pytest.raises(ValueError, match="columns"):
+        skinny_gemm(x, torch.randn(24, 48).to(DEVICE), config=config)
+    with pytest.raises(ValueError, match=r"\[gate \| up\]"):
+        skinny_gemm(x, w, config=config, gated=True)
+    with pytest.raises(ValueError, match="dtype"):
+        skinny_gemm(x, w.half(), config=config)
+    with pytest.raises(ValueError, match="bias"):
+        skinny_gemm(x, w, torch.zeros(23).to(DEVICE), config=config)
+    with pytest.raises(ValueError, match="block_m 1"):
+        skinny_gemm(x, w, config=SkinnyGemmConfig(1, 16, 32))
+    with pytest.raises(ValueError, match="block_n"):
+        SkinnyGemmConfig(16, 24, 32)
+
+
+def test_select_config_leaves_large_batches_to_cublas():
+    assert select_config(MAX_SKINNY_ROWS + 1, 4096, 4096, DEVICE) is None
+    assert select_config(0, 4096, 4096, DEVICE) is None
+    assert select_config(1, 4096, 4096, DEVICE).block_m == 1
+    assert select_config(MAX_SKINNY_ROWS, 4096, 4096, DEVICE).block_m == 16
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,gated", [(6144, 4096, False), (4096, 14336, True), (1024, 2048, False),
+                                       (151936, 1024, False), (1000, 3000, True)])
+def test_skinny_gemm_at_model_shapes(dtype, n, k, gated):
+    g = torch.Generator(device="cuda").manual_seed(n)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, 2 * k if gated else k, device="cuda", dtype=dtype, generator=g)
+        w = torch.randn(n, k, device="cuda", dtype=dtype, generator=g) / k ** 0.5
+        config = select_config(rows, n, k, x.device)
+        _check(skinny_gemm(x, w, config=config, gated=gated), _reference(x, w, None, gated), dtype, k)
