@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagellm.kernels.reference import qk_norm_rope_ref, rms_norm_ref, silu_and_mul_ref
+from pagellm.kernels.reference import qk_norm_rope_ref, rms_norm_ref, silu_and_mul_ref, write_kv_cache_ref
 from pagellm.kernels.triton.activation import silu_and_mul
 from pagellm.kernels.triton.rms_norm import rms_norm
 from pagellm.kernels.triton.rotary import qk_norm_rope_
@@ -71,6 +71,38 @@ def test_qk_norm_rope_matches_reference(dtype, heads, kv_heads, head_dim, norm):
     qk_norm_rope_(actual, heads, kv_heads, positions, cache, qw, kw, 1e-6, 0.0)
     _close(actual, expected, dtype)
     assert torch.equal(actual[:, heads + kv_heads:], qkv[:, heads + kv_heads:])  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,norm", [(4, 2, 64, True), (8, 1, 32, False), (3, 3, 48, True)])
+def test_qk_norm_rope_also_writes_the_kv_cache(dtype, heads, kv_heads, head_dim, norm):
+    # The fused write equals rotating, then write_kv_cache_ref; padding slots (-1) write nothing.
+    g = torch.Generator().manual_seed(2)
+    tokens, num_blocks, block_size = 7, 6, 4
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    rope = RotaryEmbedding(head_dim, 512, 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)))
+    table = rope.cos_sin_cache.to(DEVICE)
+    positions = torch.tensor([3, 4, 5, 17, 100, 311, 0], device=DEVICE)
+    slots = torch.tensor([9, 10, 11, 0, -1, 23, 4], device=DEVICE)
+    qw = kw = None
+    if norm:
+        qw = torch.randn(head_dim, generator=g).to(DEVICE, dtype)
+        kw = torch.randn(head_dim, generator=g).to(DEVICE, dtype)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    expected = qk_norm_rope_ref(qkv, heads, kv_heads, positions, table, qw, kw, 1e-6, 0.0)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    write_kv_cache_ref(expected[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:], k_expected, v_expected, slots)
+    actual = qkv.clone()
+    qk_norm_rope_(actual, heads, kv_heads, positions, table, qw, kw, 1e-6, 0.0, kv_cache=(k_cache, v_cache, slots))
+    _close(actual, expected, dtype)
+    _close(k_cache, k_expected, dtype)
+    assert torch.equal(v_cache, v_expected)  # values are copied, not rounded
+    assert torch.equal(actual[:, heads + kv_heads:], qkv[:, heads + kv_heads:])
+    with pytest.raises(ValueError, match="slot_mapping"):
+        qk_norm_rope_(actual, heads, kv_heads, positions, table, qw, kw, kv_cache=(k_cache, v_cache, slots[:3]))
+    with pytest.raises(ValueError, match="k_cache"):
+        qk_norm_rope_(actual, heads, kv_heads, positions, table, qw, kw, kv_cache=(k_cache[..., :2], v_cache, slots))
 
 
 def test_qk_norm_rope_equals_the_unfused_rotation():

@@ -65,22 +65,35 @@ def test_skinny_gemm_strided_rows_and_bad_input():
         SkinnyGemmConfig(16, 24, 32)
 
 
-def test_select_config_leaves_large_batches_to_cublas():
-    assert select_config(MAX_SKINNY_ROWS + 1, 4096, 4096, DEVICE) is None
-    assert select_config(0, 4096, 4096, DEVICE) is None
-    assert select_config(1, 4096, 4096, DEVICE).block_m == 1
-    assert select_config(MAX_SKINNY_ROWS, 4096, 4096, DEVICE).block_m == 16
+def test_select_config_rules():
+    # The H200-measured rules read host ints only: no CUDA needed to check them.
+    cuda = torch.device("cuda")
+    assert select_config(MAX_SKINNY_ROWS + 1, 4096, 4096, cuda) is None    # large batches: cuBLAS
+    assert select_config(0, 4096, 4096, cuda) is None
+    assert select_config(1, 28672, 4096, cuda) is None                     # big MLP weights: cuBLAS
+    assert select_config(1, 128256, 4096, cuda).block_m == 16              # LM heads
+    assert select_config(1, 1024, 2048, cuda).block_m == 1                 # one row, narrow output
+    assert select_config(16, 1024, 2048, cuda) is None
+    assert select_config(1, 1024, 3072, cuda, gated=True) is not None
+    assert select_config(1, 4096, 14336, cuda, gated=True) is None
+    assert select_config(16, 1024, 3072, cuda, gated=True) is None
+    assert select_config(4, 64, 64, torch.device("cpu")).block_m == 16     # the interpreter: always
 
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k,gated", [(6144, 4096, False), (4096, 14336, True), (1024, 2048, False),
-                                       (151936, 1024, False), (1000, 3000, True)])
+@pytest.mark.parametrize("n,k,gated", [(6144, 4096, False), (4096, 4096, False), (1024, 3072, True),
+                                       (1024, 2048, False), (151936, 1024, False), (1000, 3000, True)])
 def test_skinny_gemm_at_model_shapes(dtype, n, k, gated):
     g = torch.Generator(device="cuda").manual_seed(n)
+    configs = [SkinnyGemmConfig(1, 16, 512, num_warps=8, num_stages=1), SkinnyGemmConfig(16, 32, 256, num_stages=5),
+               SkinnyGemmConfig(16, 64, 128, num_stages=3)]
     for rows in (1, 3, 16):
         x = torch.randn(rows, 2 * k if gated else k, device="cuda", dtype=dtype, generator=g)
         w = torch.randn(n, k, device="cuda", dtype=dtype, generator=g) / k ** 0.5
-        config = select_config(rows, n, k, x.device)
-        _check(skinny_gemm(x, w, config=config, gated=gated), _reference(x, w, None, gated), dtype, k)
+        ref = _reference(x, w, None, gated)
+        for config in configs + [select_config(rows, n, k, x.device, gated=gated)]:
+            if config is None or (config.block_m == 1 and rows > 1):
+                continue
+            _check(skinny_gemm(x, w, config=config, gated=gated), ref, dtype, k)

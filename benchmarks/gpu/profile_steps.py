@@ -52,7 +52,7 @@ def main() -> None:
         prompts = [{"prompt_token_ids": t} for t in work.prompts]
         params = [SamplingParams(temperature=work.temperature, max_tokens=m, ignore_eos=True, detokenize=False)
                   for m in work.max_tokens]
-    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)] * 2,
+    llm.generate(prompts[:1] * 2, [SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)] * 2,
                  use_tqdm=False)
 
     engine = llm.llm_engine

@@ -13,6 +13,8 @@ gemm) timeout 280 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --ro
       timeout 200 python3 benchmarks/kernels/bench_gemm.py --model qwen3-0.6b --rows 1 16 2>&1 | tee $OUT/gemmq.log | sed -n '/^rows/,$p' ;;
 gemmbig) timeout 280 python3 benchmarks/kernels/bench_gemm.py --model qwen3-0.6b --rows 64 176 256 --top 2 2>&1 | tee $OUT/gemmbig.log | sed -n '/^rows/,$p' ;;
 proflat) PROF_TOP=40 timeout 200 python3 benchmarks/gpu/profile_steps.py $L --latency --windows 40:100 2>&1 | tee $OUT/proflat.log | grep -v INFO ;;
+attn1) timeout 120 python3 benchmarks/kernels/bench_attention.py --num-heads 32 --num-kv-heads 8 --batches 1 2 4 --contexts 640 1024 --splits 1 2 4 8 16 2>&1 | tee $OUT/attn1.log ;;
+cov) timeout 250 python3 -m pytest -q -x tests/test_model_coverage.py tests/test_moe.py 2>&1 | tail -2 ;;
 attn) timeout 200 python3 benchmarks/kernels/bench_attention.py --num-heads 16 --num-kv-heads 8 --batches 64 128 256 --contexts 1024 2048 $(for c in 16x64x4x2 16x32x4x2 16x64x4x3 16x64x2x2 16x128x4x2 16x128x8x2 16x64x8x2 16x32x2x2 16x128x4x3; do echo --config $c; done) 2>&1 | tee $OUT/attn.log ;;
 thr) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 --output-json $OUT/thr.json $PROFILE 2>&1 | tee $OUT/thr.log | grep -E "Throughput|KV cache:|captured|memory profile"
      timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --num-prompts 64 --output-len 512 --max-model-len 4096 2>&1 | tail -1 ;;

@@ -115,7 +115,7 @@ def main() -> None:
             results = bench_shape(n, k, gated, rows, configs, dtype)
             base_name, base = results[0]
             ranked = sorted((r for r in results[1:] if r[1] == r[1]), key=lambda r: r[1])
-            chosen = select_config(rows, n, k, torch.device("cuda"))
+            chosen = select_config(rows, n, k, torch.device("cuda"), gated=gated)
             chosen_time = dict(results).get(str(chosen), float("nan"))
             gb = n * k * 2 / 1e9
             print(f"M={rows} {label} [{n}x{k}]: {base_name} {base:.1f} us ({gb / base * 1e6 / 1e3:.2f} TB/s)")

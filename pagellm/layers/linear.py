@@ -41,7 +41,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     from pagellm.kernels.triton.skinny_gemm import select_config, skinny_gemm
     if x.dim() != 2 or x.stride(-1) != 1:
         return None
-    config = select_config(x.shape[0], weight.shape[0], weight.shape[1], x.device)
+    config = select_config(x.shape[0], weight.shape[0], weight.shape[1], x.device, gated=gated)
     if config is None:
         return None
     return skinny_gemm(x, weight, bias, config=config, gated=gated)

@@ -178,15 +178,20 @@ class DecoderAttention(nn.Module):
         return (self.rotary is not None and self.rotary.rotary_dim == self.head_dim
                 and (not self.qk_norm or isinstance(self.q_norm, RMSNorm)))
 
-    def _norm_and_rotate_in_place(self, qkv: torch.Tensor, positions: torch.Tensor) -> None:
-        """The q/k norms (if any) and RoPE on qkv [T, H + 2 Hkv, D], in place, as one Triton kernel."""
+    def _norm_rotate_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """The q/k norms (if any) and RoPE on qkv [T, H + 2 Hkv, D], in place, as one Triton kernel that
+        also stores the step's K/V in this layer's cache when it can. Returns whether it stored them."""
         from pagellm.kernels.triton.rotary import qk_norm_rope_
         table = self.rotary.cos_sin_cache
+        cache = None
+        if meta.slot_mapping.shape[0] == qkv.shape[0] and self.attn.k_cache.dim() == 4:
+            cache = (self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
         if self.qk_norm:  # q and k norms share eps and offset (one spec)
             qk_norm_rope_(qkv, self.num_heads, self.num_kv_heads, positions, table, self.q_norm.weight,
-                          self.k_norm.weight, self.q_norm.eps, self.q_norm.offset)
+                          self.k_norm.weight, self.q_norm.eps, self.q_norm.offset, kv_cache=cache)
         else:
-            qk_norm_rope_(qkv, self.num_heads, self.num_kv_heads, positions, table)
+            qk_norm_rope_(qkv, self.num_heads, self.num_kv_heads, positions, table, kv_cache=cache)
+        return cache is not None
 
     def forward(self, cos_sin: torch.Tensor | None, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """`cos_sin`: the step's rotary rows (RotaryEmbedding.cos_sin), or the positions [T] once the
@@ -194,8 +199,9 @@ class DecoderAttention(nn.Module):
         t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
         v = qkv[:, h + hkv:]  # [T, Hkv, D]
+        kv_written = False
         if self.fused_rope:
-            self._norm_and_rotate_in_place(qkv, cos_sin)
+            kv_written = self._norm_rotate_and_cache(qkv, cos_sin, meta)
             q, k = qkv[:, :h], qkv[:, h:h + hkv]
         elif self.qk_norm:
             q, k = self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h:h + hkv])  # [T, H, D], [T, Hkv, D]
@@ -207,7 +213,7 @@ class DecoderAttention(nn.Module):
             q, k = qk[:, :h], qk[:, h:]
         else:
             q, k = qkv[:, :h], qkv[:, h:h + hkv]
-        out = self.attn(q, k, v, meta)  # [T, H, D]
+        out = self.attn(q, k, v, meta, kv_written=kv_written)  # [T, H, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 

@@ -326,9 +326,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if num_kv_splits > 1:
         partial_out = torch.empty(num_tokens, num_heads, num_kv_splits, head_dim, dtype=torch.float32,
                                   device=query.device)
-        # -inf marks "no keys", so rows no program writes (padding tokens) merge to zeros.
-        partial_lse = torch.full((num_tokens, num_heads, num_kv_splits), float("-inf"), dtype=torch.float32,
-                                 device=query.device)
+        # Every token row a sequence owns is written by each split (an empty split writes -inf);
+        # rows past query_start_loc[S] stay unspecified, as the docstring says.
+        partial_lse = torch.empty(num_tokens, num_heads, num_kv_splits, dtype=torch.float32, device=query.device)
     else:
         partial_out = partial_lse = out  # unused by the kernel in this mode
 

@@ -20,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.device_info import num_sms
-
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -157,9 +155,15 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 MAX_SKINNY_ROWS = 16
 
 
-def select_config(num_rows: int, n: int, k: int, device: torch.device) -> SkinnyGemmConfig | None:
+def select_config(num_rows: int, n: int, k: int, device: torch.device,
+                  gated: bool = False) -> SkinnyGemmConfig | None:
     """The config for an [num_rows, k] x [n, k]^T product, or None where cuBLAS (F.linear) is the better call.
 
+    The rules come from a sweep on an H200 (benchmarks/kernels/bench_gemm.py, bf16, weights read
+    from HBM; Llama-3.1-8B and Qwen3-0.6B shapes, M = 1 and 16): the kernel wins on LM heads
+    (8B: 238 vs 254 us), on projections up to ~32M weights (8B o_proj 11.3 vs 13.3 us) and most on
+    narrow outputs at one row (Qwen3 o_proj 5.5 vs 12.6 us, gated down_proj 7.9 vs 10.6 us with
+    the SiLU kernel); cuBLAS streams the large MLP weights as fast (8B gate_up 57 us both).
     PAGELLM_SKINNY_GEMM=0 turns the kernel off (None always).
     """
     if num_rows > MAX_SKINNY_ROWS or num_rows == 0 or not _ENABLED:
@@ -168,16 +172,18 @@ def select_config(num_rows: int, n: int, k: int, device: torch.device) -> Skinny
         # The CPU interpreter (tests): small tiles, so small shapes still cross tile edges.
         return SkinnyGemmConfig(block_m=1 if num_rows == 1 else 16, block_n=16, block_k=32, num_warps=4,
                                 num_stages=1)
-    sms = num_sms(device)
-    # The widest strip that still gives every SM two programs.
-    block_n = 16
-    for candidate in (64, 32):
-        if triton.cdiv(n, candidate) >= 2 * sms:
-            block_n = candidate
-            break
-    if num_rows == 1:
-        return SkinnyGemmConfig(block_m=1, block_n=block_n, block_k=256, num_warps=4, num_stages=3)
-    return SkinnyGemmConfig(block_m=16, block_n=block_n, block_k=256, num_warps=4, num_stages=4)
+    if gated:
+        # Each program re-reads (and re-activates) all of x: worth it for one row of a narrow layer.
+        return SkinnyGemmConfig(1, 16, 512, num_warps=8, num_stages=1) if num_rows == 1 and n <= 2048 else None
+    if n >= 65536:  # an LM head
+        return SkinnyGemmConfig(16, 64, 128, num_warps=4, num_stages=3)
+    if n * k > 32 * 2**20:
+        return None
+    if n <= 2048:
+        return SkinnyGemmConfig(1, 16, 512, num_warps=4, num_stages=1) if num_rows == 1 else None
+    if n <= 4096:
+        return SkinnyGemmConfig(16, 32, 256 if k >= 4096 else 128, num_warps=4, num_stages=5)
+    return SkinnyGemmConfig(16, 64, 256 if k >= 4096 else 128, num_warps=4, num_stages=4)
 
 
 _ENABLED = os.environ.get("PAGELLM_SKINNY_GEMM", "1") != "0"

@@ -37,10 +37,12 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                kv_written: bool = False) -> torch.Tensor:
         """query [T, H, D], key/value [T, Hkv, D], caches [num_blocks, block_size, Hkv, D] -> [T, H, D].
 
-        Mutates the caches: the new keys and values land at `meta.slot_mapping`.
+        Mutates the caches: the new keys and values land at `meta.slot_mapping` (unless `kv_written`
+        says a fused kernel has already put them there).
         """
 
 

@@ -23,7 +23,9 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                kv_written: bool = False) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]. `kv_written`: the caller's kernel already stored
+        k/v in this layer's cache (the fused RoPE kernel does), so the backend skips its write."""
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
-                                    self.sliding_window, self.logits_soft_cap)
+                                    self.sliding_window, self.logits_soft_cap, kv_written=kv_written)

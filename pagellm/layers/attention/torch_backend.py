@@ -75,16 +75,15 @@ class TorchAttentionBackend(AttentionBackend):
             buf = self._gather_buffers[name] = torch.empty(need, dtype=table.dtype, device=table.device)
         return torch.index_select(table, 0, ids, out=buf[:need].view(ids.numel(), table.shape[1]))
 
-    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
+    @staticmethod
+    def _write(key, value, k_cache, v_cache, meta: AttentionMetadata, plans: dict) -> None:
+        """Stores the new tokens' K/V in their slots (padding slots are -1 and skipped)."""
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-        # Write the new tokens' K/V into their slots (padding slots are -1 and skipped).
         flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
         flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-        plans = meta.__dict__.setdefault("_torch_plans", {})
         if "rows_to_write" not in plans:  # once per step, not per layer: it reads the slots on the host
             slots = meta.slot_mapping
-            padded = slots.shape[0] != query.shape[0] or bool((slots < 0).any())
+            padded = slots.shape[0] != key.shape[0] or bool((slots < 0).any())
             plans["rows_to_write"] = (slots >= 0).nonzero().squeeze(1) if padded else None
         rows_to_write = plans["rows_to_write"]
         slots = meta.slot_mapping
@@ -93,6 +92,13 @@ class TorchAttentionBackend(AttentionBackend):
         flat_k.index_copy_(0, slots, key.to(k_cache.dtype))
         flat_v.index_copy_(0, slots, value.to(v_cache.dtype))
 
+    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                kv_written: bool = False) -> torch.Tensor:
+        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+        plans = meta.__dict__.setdefault("_torch_plans", {})
+        if not kv_written:
+            self._write(key, value, k_cache, v_cache, meta, plans)
         groups = plans.get(sliding_window)
         if groups is None:
             groups = plans[sliding_window] = _plan(meta, block_size, sliding_window)

@@ -15,7 +15,9 @@ class TritonAttentionBackend(AttentionBackend):
     supports_cuda_graphs = True
 
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
-        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+                sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                kv_written: bool = False) -> torch.Tensor:
+        if not kv_written:
+            write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         return paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                meta.max_query_len, meta.max_seq_len, scale, sliding_window, logits_soft_cap)
