@@ -34,6 +34,9 @@ def _check(y, ref, dtype, k):
     (1, SkinnyGemmConfig(16, 16, 32, num_stages=2)),    # tensor-core path, one row padded to 16
     (7, SkinnyGemmConfig(16, 32, 16, num_stages=2)),
     (19, SkinnyGemmConfig(16, 16, 64, num_stages=1)),   # two row tiles, K not a multiple of BLOCK_K
+    (1, SkinnyGemmConfig(1, 16, 16, num_stages=1, split_k=4)),   # split-K: 5 steps of K over 4 slices
+    (9, SkinnyGemmConfig(16, 32, 16, num_stages=1, split_k=2)),
+    (16, SkinnyGemmConfig(16, 16, 32, num_stages=1, split_k=8)),  # more slices than K steps: some empty
 ])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
@@ -63,6 +66,21 @@ def test_skinny_gemm_strided_rows_and_bad_input():
         skinny_gemm(x, w, config=SkinnyGemmConfig(1, 16, 32))
     with pytest.raises(ValueError, match="block_n"):
         SkinnyGemmConfig(16, 24, 32)
+    with pytest.raises(ValueError, match="split_k"):
+        SkinnyGemmConfig(16, 16, 32, split_k=3)
+    with pytest.raises(ValueError, match="split_k"):
+        SkinnyGemmConfig(32, 16, 32, split_k=2)
+
+
+def test_split_k_leaves_its_counters_at_zero_and_repeats_exactly():
+    from pagellm.kernels.triton import skinny_gemm as module
+    x = torch.randn(2, 72).to(DEVICE)
+    w = torch.randn(40, 72).to(DEVICE)
+    config = SkinnyGemmConfig(16, 16, 16, num_stages=1, split_k=4)
+    first = skinny_gemm(x, w, config=config)
+    assert torch.equal(skinny_gemm(x, w, config=config), first)  # slices added in a fixed order
+    _, arrivals = module._split_k_workspace(x.device, 40)
+    assert int(arrivals.abs().sum()) == 0
 
 
 def test_select_config_rules():

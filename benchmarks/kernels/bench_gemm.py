@@ -16,6 +16,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from pagellm.kernels.triton.activation import silu_and_mul
 from pagellm.kernels.triton.skinny_gemm import SkinnyGemmConfig, select_config, skinny_gemm
 
 # name -> [(label, N, K, gated)] of one layer's projections, then the LM head (once per step).
@@ -33,11 +34,11 @@ MIN_BYTES = 512 << 20
 def candidate_configs(rows: int) -> list[SkinnyGemmConfig]:
     configs = []
     if rows == 1:
-        for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (1, 3)):
-            configs.append(SkinnyGemmConfig(1, bn, bk, w, s))
+        for bn, bk, w, split in itertools.product((16, 32), (256, 512), (4, 8), (1, 2, 4, 8)):
+            configs.append(SkinnyGemmConfig(1, bn, bk, w, 1, split))
     if rows <= 16:
-        for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256), (4,), (3, 4, 5)):
-            configs.append(SkinnyGemmConfig(16, bn, bk, w, s))
+        for bn, bk, split in itertools.product((32, 64), (128, 256), (1, 2, 4)):
+            configs.append(SkinnyGemmConfig(16, bn, bk, 4, 4, split))
         return configs
     for bm, bn, bk, s in itertools.product((32, 64, 128), (32, 64, 128), (64, 128), (3, 4)):
         if bm * bn <= 64 * 128:
@@ -79,10 +80,10 @@ def bench_shape(n: int, k: int, gated: bool, rows: int, configs: list[SkinnyGemm
         gate, up = x.float().chunk(2, dim=-1)
         act = (F.silu(gate).to(dtype).float() * up).to(dtype)
         ref = F.linear(act, weights[0])
-        results[0] = ("cublas+silu", graph_time_us(
-            lambda i: F.linear(F.silu(x[:, :k]) * x[:, k:], weights[i]), copies))
-    if gated and rows > 16:
-        configs = []  # every program would re-read (and re-activate) all of x
+        results[0] = ("cublas+silu", graph_time_us(lambda i: F.linear(silu_and_mul(x), weights[i]), copies))
+    if gated:
+        # Every program re-reads (and re-activates) all of x: only one row on the FMA path pays.
+        configs = [c for c in configs if c.block_m == 1]
     for config in configs:
         try:
             y = skinny_gemm(x, weights[0], config=config, gated=gated)

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Largest batch the skinny kernel takes; above it cuBLAS's large tiles win.
+MAX_SKINNY_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class SkinnyGemmConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # programs sharing one output tile, each over a slice of K; the last one adds them
 
     def __post_init__(self) -> None:
         if self.block_m != 1 and (self.block_m < 16 or self.block_m & (self.block_m - 1)):
@@ -44,9 +47,14 @@ class SkinnyGemmConfig:
             raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1; got {self.num_stages}")
+        if self.split_k not in (1, 2, 4, 8, 16):
+            raise ValueError(f"split_k must be one of 1, 2, 4, 8, 16; got {self.split_k}")
+        if self.split_k > 1 and self.block_m > MAX_SKINNY_ROWS:
+            raise ValueError(f"split_k > 1 needs block_m <= {MAX_SKINNY_ROWS}; got {self.block_m}")
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+        text = f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+        return text + (f"k{self.split_k}" if self.split_k > 1 else "")
 
 
 @triton.jit
@@ -64,14 +72,16 @@ def _load_input(x_rows, ks, mask, K, GATED: tl.constexpr):
 # M varies with the batch: unspecialized so a batch of 1 or 16 does not compile a variant.
 @triton.jit(do_not_specialize=["M"])
 def _skinny_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PARTIAL_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                 # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                 # [BN]
     offs_k = tl.arange(0, BLOCK_K)                                   # [BK]
@@ -81,11 +91,15 @@ def _skinny_gemm_kernel(
     safe_n = tl.where(n_valid, offs_n, 0)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm        # [BM, 1]
     w_rows = w_ptr + safe_n[:, None].to(tl.int64) * stride_wn        # [BN, 1]
+    # This program's slice of K: whole BLOCK_K steps, so an even K stays unmasked.
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + offs_k                                             # [BK]
         if EVEN_K:
             w = tl.load(w_rows + ks[None, :])                                          # [BN, BK]
@@ -105,10 +119,46 @@ def _skinny_gemm_kernel(
         out = acc
     else:
         out = tl.sum(acc, axis=1)[None, :]                                            # [1, BN]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+    store_mask = m_valid[:, None] & n_valid[None, :]
+    if SPLIT_K > 1:
+        # Serial split-K: park this slice's sum, count arrivals per output tile; the last program
+        # to arrive adds the slices in split order (deterministic) and resets the counter to 0.
+        partial_rows = offs_m[:, None] * N + offs_n[None, :]                            # [BM, BN]
+        tl.store(partial_ptr + pid_k * PARTIAL_ROWS * N + partial_rows, out, mask=store_mask)
+        tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            out = tl.zeros(out.shape, dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                out += tl.load(partial_ptr + split * PARTIAL_ROWS * N + partial_rows, mask=store_mask,
+                               other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=store_mask)
+            tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
+    else:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
+_workspaces: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_k_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials [16 splits, MAX_SKINNY_ROWS, n] fp32, arrival counters [n] int32 zeros) for outputs n wide.
+
+    Allocated once per width and shared by every layer of that width: the kernels run one after
+    another on the stream, and each leaves the counters at zero.
+    """
+    key = (device, n)
+    if key not in _workspaces:
+        _workspaces[key] = (torch.empty(16, MAX_SKINNY_ROWS, n, dtype=torch.float32, device=device),
+                            torch.zeros(n, dtype=torch.int32, device=device))
+    return _workspaces[key]
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -134,14 +184,18 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"bias must be [{n}] {x.dtype}; got {tuple(bias.shape)} {bias.dtype}")
     if config.block_m == 1 and num_rows > 1:
         raise ValueError(f"config.block_m 1 takes one row of x; got {num_rows}")
+    if config.split_k > 1 and num_rows > MAX_SKINNY_ROWS:
+        raise ValueError(f"split_k > 1 takes at most {MAX_SKINNY_ROWS} rows of x; got {num_rows}")
     out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(num_rows, config.block_m))
+    partials, arrivals = _split_k_workspace(x.device, n) if config.split_k > 1 else (out, out)
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(num_rows, config.block_m), config.split_k)
     _skinny_gemm_kernel[grid](
-        x, weight, bias if bias is not None else weight, out,
+        x, weight, bias if bias is not None else weight, out, partials, arrivals,
         num_rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT_K=config.split_k, PARTIAL_ROWS=MAX_SKINNY_ROWS,
         EVEN_K=k % config.block_k == 0, GATED=gated, HAS_BIAS=bias is not None,
         USE_DOT=config.block_m > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -149,10 +203,6 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
-
-
-# Largest batch the skinny kernel takes; above it cuBLAS's large tiles win.
-MAX_SKINNY_ROWS = 16
 
 
 def select_config(num_rows: int, n: int, k: int, device: torch.device,
