@@ -90,10 +90,11 @@ def test_select_config_rules():
     assert select_config(0, 4096, 4096, cuda) is None
     assert select_config(1, 28672, 4096, cuda) is None                     # big MLP weights: cuBLAS
     assert select_config(1, 128256, 4096, cuda).block_m == 16              # LM heads
-    assert select_config(1, 1024, 2048, cuda).block_m == 1                 # one row, narrow output
-    assert select_config(16, 1024, 2048, cuda) is None
-    assert select_config(1, 1024, 3072, cuda, gated=True) is not None
-    assert select_config(1, 4096, 14336, cuda, gated=True) is None
+    assert select_config(1, 1024, 2048, cuda).split_k == 4                 # narrow output: split K
+    assert select_config(1, 6144, 1024, cuda) is None                      # Qwen3 gate_up: a tie, cuBLAS
+    assert select_config(1, 1024, 3072, cuda, gated=True).split_k == 4     # ~256 programs
+    assert select_config(1, 4096, 14336, cuda, gated=True).split_k == 2
+    assert select_config(1, 14336, 4096, cuda, gated=True) is None
     assert select_config(16, 1024, 3072, cuda, gated=True) is None
     assert select_config(4, 64, 64, torch.device("cpu")).block_m == 16     # the interpreter: always
 

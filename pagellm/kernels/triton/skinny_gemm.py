@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagellm.kernels.triton.pdl import enter_pdl, pdl_options
+
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest batch the skinny kernel takes; above it cuBLAS's large tiles win.
 MAX_SKINNY_ROWS = 16
@@ -77,8 +79,9 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PARTIAL_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    enter_pdl(USE_PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -200,7 +203,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         USE_DOT=config.block_m > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=x.device.type != "cuda" and x.dtype != torch.float32,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
     )
     return out
 
@@ -209,12 +212,12 @@ def select_config(num_rows: int, n: int, k: int, device: torch.device,
                   gated: bool = False) -> SkinnyGemmConfig | None:
     """The config for an [num_rows, k] x [n, k]^T product, or None where cuBLAS (F.linear) is the better call.
 
-    The rules come from a sweep on an H200 (benchmarks/kernels/bench_gemm.py, bf16, weights read
-    from HBM; Llama-3.1-8B and Qwen3-0.6B shapes, M = 1 and 16): the kernel wins on LM heads
-    (8B: 238 vs 254 us), on projections up to ~32M weights (8B o_proj 11.3 vs 13.3 us) and most on
-    narrow outputs at one row (Qwen3 o_proj 5.5 vs 12.6 us, gated down_proj 7.9 vs 10.6 us with
-    the SiLU kernel); cuBLAS streams the large MLP weights as fast (8B gate_up 57 us both).
-    PAGELLM_SKINNY_GEMM=0 turns the kernel off (None always).
+    The rules come from sweeps on an H200 (benchmarks/kernels/bench_gemm.py, bf16, weights read
+    from HBM; Llama-3.1-8B and Qwen3-0.6B shapes at M = 1 and 16): the kernel wins on LM heads
+    (8B: 238 vs 256 us), on projections up to ~32M weights (8B o_proj 11.6 vs 13.2 us) and most on
+    narrow outputs, with split-K (Qwen3 o_proj 4.9 vs 12.6 us; its gated down_proj 6.0 us against
+    9.0 us for cuBLAS plus the SiLU kernel); cuBLAS streams the large MLP weights as fast or
+    faster (8B gate_up 56.9 vs 58.5 us). PAGELLM_SKINNY_GEMM=0 turns the kernel off (None always).
     """
     if num_rows > MAX_SKINNY_ROWS or num_rows == 0 or not _ENABLED:
         return None
@@ -223,17 +226,24 @@ def select_config(num_rows: int, n: int, k: int, device: torch.device,
         return SkinnyGemmConfig(block_m=1 if num_rows == 1 else 16, block_n=16, block_k=32, num_warps=4,
                                 num_stages=1)
     if gated:
-        # Each program re-reads (and re-activates) all of x: worth it for one row of a narrow layer.
-        return SkinnyGemmConfig(1, 16, 512, num_warps=8, num_stages=1) if num_rows == 1 and n <= 2048 else None
+        # Every program re-reads (and re-activates) all of x: worth it for one row only. Strips and
+        # K slices make ~256 programs (8B down_proj: 32 rows x 2 slices, Qwen3: 16 rows x 4).
+        if num_rows > 1 or n > 4096:
+            return None
+        block_n = 32 if n >= 4096 else 16
+        split = max(1, min(8, 256 // triton.cdiv(n, block_n)))
+        return SkinnyGemmConfig(1, block_n, 512, num_warps=4, num_stages=1, split_k=1 << (split.bit_length() - 1))
     if n >= 65536:  # an LM head
-        return SkinnyGemmConfig(16, 64, 128, num_warps=4, num_stages=3)
+        return SkinnyGemmConfig(16, 64, 128, num_warps=4, num_stages=4)
     if n * k > 32 * 2**20:
         return None
     if n <= 2048:
-        return SkinnyGemmConfig(1, 16, 512, num_warps=4, num_stages=1) if num_rows == 1 else None
+        return SkinnyGemmConfig(16, 32, 128, num_warps=4, num_stages=4, split_k=4)
     if n <= 4096:
         return SkinnyGemmConfig(16, 32, 256 if k >= 4096 else 128, num_warps=4, num_stages=5)
-    return SkinnyGemmConfig(16, 64, 256 if k >= 4096 else 128, num_warps=4, num_stages=4)
+    if k >= 4096:
+        return SkinnyGemmConfig(16, 64, 256, num_warps=4, num_stages=4)
+    return None
 
 
 _ENABLED = os.environ.get("PAGELLM_SKINNY_GEMM", "1") != "0"
