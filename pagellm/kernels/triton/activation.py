@@ -6,12 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.pdl import enter_pdl, pdl_options
-
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    enter_pdl(USE_PDL)
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
     # Program (row, block of columns).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -33,5 +30,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if num_rows:
         block = min(1024, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(num_rows, triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d,
-                                                                 BLOCK=block, num_warps=4, **pdl_options(x.device))
+                                                                 BLOCK=block, num_warps=4)
     return out

@@ -6,8 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.pdl import enter_pdl, pdl_options
-
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -18,9 +16,8 @@ def _write_kv_cache_kernel(
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
-    enter_pdl(USE_PDL)
     # One program per token: it moves all of the token's heads at once, [BLOCK_H, BLOCK_D].
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -70,7 +67,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
-        PAGE_SIZE=block_size, num_warps=num_warps, **pdl_options(key.device),
+        PAGE_SIZE=block_size, num_warps=num_warps,
     )
 
 

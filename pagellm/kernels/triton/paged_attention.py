@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 from pagellm.kernels.triton.device_info import num_sms
-from pagellm.kernels.triton.pdl import enter_pdl, pdl_options
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -100,9 +99,7 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,       # Triton's CPU interpreter multiplies bf16 dot operands wrongly
-    USE_PDL: tl.constexpr,
 ):
-    enter_pdl(USE_PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -204,9 +201,8 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(
     out_ptr, partial_out_ptr, partial_lse_ptr,
     num_heads, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    enter_pdl(USE_PDL)
     # One program per (token, head): a weighted sum of the split partials by their softmax mass.
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -353,13 +349,13 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=query.device.type != "cuda" and query.dtype == torch.bfloat16,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(query.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_kv_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, partial_out, partial_lse, num_heads, out.stride(0), out.stride(1),
             NUM_SPLITS=num_kv_splits, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            num_warps=1 if head_dim_pad <= 128 else 2, **pdl_options(query.device),
+            num_warps=1 if head_dim_pad <= 128 else 2,
         )
     return out
 

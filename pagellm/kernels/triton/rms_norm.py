@@ -10,18 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.pdl import enter_pdl, pdl_options
-
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x, stride_r, stride_o, stride_ro,
     n_cols, eps, weight_offset,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program per row.
-    enter_pdl(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -67,6 +64,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
             x.stride(0), res.stride(0), out.stride(0), residual_out.stride(0),
             n_cols, float(eps), float(weight_offset),
             HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=min(16, max(1, block // 256)), **pdl_options(x.device),
+            num_warps=min(16, max(1, block // 256)),
         )
     return (out, residual_out) if residual is not None else out

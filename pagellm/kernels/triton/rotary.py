@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.pdl import enter_pdl, pdl_options
-
 
 @triton.jit
 def _qk_norm_rope_kernel(
@@ -21,11 +19,10 @@ def _qk_norm_rope_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head,
     num_q_heads, num_rotated_heads, num_heads, eps, weight_offset,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr,
-    WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     # Program (token, block of BLOCK_H heads among the q heads, then the k heads, then (when it also
     # stores the token's K/V in the paged cache) the v heads, which it copies unrotated).
-    enter_pdl(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                      # [H]
     offs = tl.arange(0, HALF_PAD)                                                   # [D/2]
@@ -130,7 +127,7 @@ def qk_norm_rope_(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, positi
         num_q_heads, rotated, touched, float(eps), float(weight_offset),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), BLOCK_H=block_h, HAS_NORM=has_norm,
         WRITE_CACHE=kv_cache is not None, PAGE_SIZE=k_cache.shape[1] if kv_cache is not None else 1,
-        num_warps=4, **pdl_options(qkv.device),
+        num_warps=4,
     )
 
 

@@ -20,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.pdl import enter_pdl, pdl_options
-
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest batch the skinny kernel takes; above it cuBLAS's large tiles win.
 MAX_SKINNY_ROWS = 16
@@ -79,9 +77,8 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PARTIAL_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
-    enter_pdl(USE_PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -203,7 +200,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         USE_DOT=config.block_m > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=x.device.type != "cuda" and x.dtype != torch.float32,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
 
