@@ -9,6 +9,8 @@ software pipeline (num_stages), so even a 4096-wide output spreads over every SM
   (BLOCK_M == 1, a single row) the products accumulate as fp32 FMAs and reduce once at the end.
 - GATED: x is [M, 2K] = [gate | up] and the kernel reads silu(gate) * up as its input, so a
   gated MLP's down projection needs no separate activation kernel (rounded as SiluAndMul rounds).
+- SPLIT_K: narrow outputs (few strips) also cut K into slices; each program parks its slice's sum
+  in a workspace and the last to arrive for a tile adds them in order (deterministic, one launch).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import triton.language as tl
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest batch the skinny kernel takes; above it cuBLAS's large tiles win.
 MAX_SKINNY_ROWS = 16
+_ENABLED = os.environ.get("PAGELLM_SKINNY_GEMM", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -219,9 +222,10 @@ def select_config(num_rows: int, n: int, k: int, device: torch.device,
     if num_rows > MAX_SKINNY_ROWS or num_rows == 0 or not _ENABLED:
         return None
     if device.type != "cuda":
-        # The CPU interpreter (tests): small tiles, so small shapes still cross tile edges.
-        return SkinnyGemmConfig(block_m=1 if num_rows == 1 else 16, block_n=16, block_k=32, num_warps=4,
-                                num_stages=1)
+        # The CPU interpreter (tests): small tiles, so small shapes still cross tile edges, and wide
+        # strips for wide outputs (an LM head), since the interpreter pays per program.
+        return SkinnyGemmConfig(block_m=1 if num_rows == 1 else 16, block_n=16 if n <= 256 else 512,
+                                block_k=32, num_warps=4, num_stages=1)
     if gated:
         # Every program re-reads (and re-activates) all of x: worth it for one row only. Strips and
         # K slices make ~256 programs (8B down_proj: 32 rows x 2 slices, Qwen3: 16 rows x 4).
@@ -242,5 +246,3 @@ def select_config(num_rows: int, n: int, k: int, device: torch.device,
         return SkinnyGemmConfig(16, 64, 256, num_warps=4, num_stages=4)
     return None
 
-
-_ENABLED = os.environ.get("PAGELLM_SKINNY_GEMM", "1") != "0"

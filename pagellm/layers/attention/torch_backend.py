@@ -1,4 +1,5 @@
 """Portable attention in plain PyTorch (CPU and GPU): gathers each sequence's blocks and runs SDPA.
+On the CPU, decode tokens go through a C kernel that reads the blocks in place (kernels/cpu).
 
 Everything that depends only on the step (which blocks to gather, the masks) is planned once
 per forward pass and shared by every layer: on the CPU the step is bound by the number of ops.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pagellm.kernels.cpu import decode_attention as cpu_decode
 from pagellm.layers.attention.backend import AttentionBackend, AttentionMetadata
 
 
@@ -27,10 +29,11 @@ class _Group:
     is_decode: bool
 
 
-def _plan(meta: AttentionMetadata, block_size: int, window: int | None) -> list[_Group]:
-    """Decodes in two length-sorted halves (less padding), then each prefill sequence alone."""
+def _plan(meta: AttentionMetadata, block_size: int, window: int | None, decodes: bool = True) -> list[_Group]:
+    """Decodes in two length-sorted halves (less padding), then each prefill sequence alone.
+    `decodes=False` leaves the decodes out (the CPU kernel attends them)."""
     groups: list[_Group] = []
-    nd = meta.num_decodes
+    nd = meta.num_decodes if decodes else 0
     device = meta.seq_lens.device
     bounds = [0, nd // 2, nd] if nd >= 16 else [0, nd]
     for lo, hi in zip(bounds, bounds[1:]):
@@ -45,7 +48,7 @@ def _plan(meta: AttentionMetadata, block_size: int, window: int | None) -> list[
             mask &= pos[None, :] > lens - 1 - window
         groups.append(_Group(lo, hi, ids, nb, mask[:, None, None, :], hi - lo, True))
     start = meta.num_decode_tokens
-    for s in range(nd, len(meta.query_lens_cpu)):
+    for s in range(meta.num_decodes, len(meta.query_lens_cpu)):
         q_len, ctx = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
         nb = -(-ctx // block_size)
         ids = meta.block_tables[s, :nb].long()
@@ -99,12 +102,20 @@ class TorchAttentionBackend(AttentionBackend):
         plans = meta.__dict__.setdefault("_torch_plans", {})
         if not kv_written:
             self._write(key, value, k_cache, v_cache, meta, plans)
-        groups = plans.get(sliding_window)
+        outs = []
+        nd = meta.num_decodes
+        in_place = nd > 0 and cpu_decode.supports(query, k_cache)
+        if in_place:
+            # The decodes read their blocks in place (C kernel) instead of gather + SDPA.
+            outs.append(cpu_decode.paged_decode_attention(
+                query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                sliding_window, logits_soft_cap))
+        key = (sliding_window, in_place)
+        groups = plans.get(key)
         if groups is None:
-            groups = plans[sliding_window] = _plan(meta, block_size, sliding_window)
+            groups = plans[key] = _plan(meta, block_size, sliding_window, decodes=not in_place)
         rows = k_cache.view(num_blocks, block_size * num_kv_heads * head_dim)
         v_rows = v_cache.view(num_blocks, block_size * num_kv_heads * head_dim)
-        outs = []
         for g in groups:
             length = g.num_blocks * block_size
             # index_select on whole blocks is a plain row copy, faster than advanced indexing.
