@@ -79,7 +79,7 @@ def load() -> ctypes.CDLL | None:
     fn = lib.paged_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [ctypes.c_int64] * 8
-                   + [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int])
+                   + [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int])
     return lib
 
 
@@ -95,12 +95,15 @@ def supports(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                           kv_heads_per_item: int | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     query [S, H, D] (last dim contiguous); caches [num_blocks, block_size, Hkv, D], query's dtype,
     same strides; block_tables [>= S, width] int32; seq_lens [S] int32 (including the query's own
     position, whose K/V are cached). Returns [S, H, D]. Call `supports()` first.
+    `kv_heads_per_item` (a divisor of Hkv) fixes how the work is cut; None picks whole sequences
+    when there are enough for every thread, else one KV head per work item.
     """
     lib = load()
     if lib is None or not supports(query, k_cache):
@@ -116,6 +119,9 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype)
     if num_seqs == 0:
         return out
+    kv_per_item = kv_heads_per_item or (num_kv_heads if num_seqs >= 4 * torch.get_num_threads() else 1)
+    if num_kv_heads % kv_per_item:
+        raise ValueError(f"kv_heads_per_item must divide num_kv_heads ({num_kv_heads}); got {kv_per_item}")
     status = lib.paged_decode_attention(
         query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
         tables.data_ptr(), lens.data_ptr(),
@@ -123,7 +129,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
         float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
-        1 if query.dtype == torch.bfloat16 else 0)
+        1 if query.dtype == torch.bfloat16 else 0, kv_per_item)
     if status != 0:
         raise ValueError("the CPU decode-attention kernel rejected the sizes")
     return out

@@ -6,7 +6,7 @@
  * Layout (the engine's): caches [num_blocks, block_size, num_kv_heads, head_dim] with the given
  * element strides; query/out [S, H, D] with row and head strides; block_tables [S, width] int32;
  * seq_lens [S] int32 (context length including the token being decoded, whose K/V are cached).
- * Work item = (sequence, KV head): its G = H / Hkv query heads share every K/V row it loads.
+ * Each K/V row an item loads serves the G = H / Hkv query heads that share it.
  * Scores and the online softmax are fp32; one rescale per cache block rather than per key.
  */
 #include <math.h>
@@ -14,7 +14,7 @@
 #include <string.h>
 
 #define MAX_HEAD_DIM 256
-#define MAX_GROUP 16
+#define MAX_GROUP 16 /* query heads per KV head */
 #define MAX_BLOCK 64
 
 static inline float bf16_to_f32(uint16_t x) {
@@ -29,6 +29,26 @@ static inline uint16_t f32_to_bf16(float f) {
     v.f = f;
     uint32_t rounding = 0x7FFF + ((v.u >> 16) & 1);
     return (uint16_t)((v.u + rounding) >> 16);
+}
+
+/* e^x for x <= 0 (scores minus their running max), written so a loop of it vectorizes: x log2(e)
+ * = k + f with k an integer and |f| <= 1/2, 2^f from its degree-6 Taylor polynomial (relative
+ * error ~1e-7, below fp32's rounding of the softmax), 2^k put straight into the exponent bits. */
+static inline float exp_nonpositive(float x) {
+    float t = x * 1.4426950408889634f;
+    t = t < -126.0f ? -126.0f : t;
+    const float k = nearbyintf(t);
+    const float f = t - k;
+    float p = 1.5403530393381606e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    union { uint32_t u; float f; } scale;
+    scale.u = (uint32_t)((int32_t)k + 127) << 23;
+    return p * scale.f;
 }
 
 static inline void load_row(const void *base, int64_t offset, int is_bf16, int d, float *dst) {
@@ -50,84 +70,114 @@ static inline void store_row(void *base, int64_t offset, int is_bf16, int d, con
     }
 }
 
-/* Returns 0, or -1 when a size exceeds the compiled limits (the caller checks them first). */
+/* Returns 0, or -1 when a size exceeds the compiled limits (the caller checks them first).
+ *
+ * A work item is one sequence and a run of `kv_per_item` KV heads. With the heads of a cache row
+ * together, an item reads its blocks front to back; splitting a sequence's heads over items (as a
+ * batch of one must, to use every core) makes several items stream the same blocks, and the
+ * hardware prefetchers fetch the other heads' bytes too.
+ */
 int paged_decode_attention(
     const void *query, const void *k_cache, const void *v_cache, void *out,
     const int32_t *block_tables, const int32_t *seq_lens,
     int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size,
     int64_t q_stride_t, int64_t q_stride_h, int64_t o_stride_t, int64_t o_stride_h,
     int64_t c_stride_block, int64_t c_stride_slot, int64_t c_stride_head,
-    int64_t table_stride, float scale, int window, float soft_cap, int is_bf16) {
+    int64_t table_stride, float scale, int window, float soft_cap, int is_bf16, int kv_per_item) {
     const int group = num_heads / num_kv_heads;
     const int d = head_dim;
-    if (d > MAX_HEAD_DIM || group > MAX_GROUP || block_size > MAX_BLOCK) return -1;
-    const int64_t items = (int64_t)num_seqs * num_kv_heads;
+    if (d > MAX_HEAD_DIM || group > MAX_GROUP || block_size > MAX_BLOCK || kv_per_item < 1
+        || num_kv_heads % kv_per_item) return -1;
+    const int items_per_seq = num_kv_heads / kv_per_item;
+    const int64_t items = (int64_t)num_seqs * items_per_seq;
+    const int nh = kv_per_item * group; /* query heads per item */
 
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; item++) {
-        const int s = (int)(item / num_kv_heads);
-        const int kvh = (int)(item % num_kv_heads);
-        float q[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
-        float p[MAX_GROUP][MAX_BLOCK];
-        float m[MAX_GROUP], l[MAX_GROUP];
+        const int s = (int)(item / items_per_seq);
+        const int kv0 = (int)(item % items_per_seq) * kv_per_item;
+        float q[nh][d], acc[nh][d], p[nh][MAX_BLOCK], m[nh], l[nh];
         float row[MAX_HEAD_DIM];
-        for (int g = 0; g < group; g++) {
-            const int h = kvh * group + g;
-            load_row(query, s * q_stride_t + h * q_stride_h, is_bf16, d, q[g]);
-            for (int i = 0; i < d; i++) q[g][i] *= scale;
-            memset(acc[g], 0, sizeof(float) * d);
-            m[g] = -INFINITY;
-            l[g] = 0.0f;
+        for (int h = 0; h < nh; h++) {
+            load_row(query, s * q_stride_t + (kv0 * group + h) * q_stride_h, is_bf16, d, q[h]);
+            for (int i = 0; i < d; i++) q[h][i] *= scale;
+            memset(acc[h], 0, sizeof(float) * d);
+            m[h] = -INFINITY;
+            l[h] = 0.0f;
         }
         const int len = seq_lens[s];
         /* The query sits at position len - 1; with a window it sees keys p > len - 1 - window. */
         const int first = (window > 0 && len > window) ? len - window : 0;
         const int32_t *table = block_tables + (int64_t)s * table_stride;
+        const int elem_size = is_bf16 ? 2 : 4;
         for (int blk = first / block_size; blk * block_size < len; blk++) {
-            const int64_t base = (int64_t)table[blk] * c_stride_block + (int64_t)kvh * c_stride_head;
+            const int64_t base = (int64_t)table[blk] * c_stride_block;
+            /* The next block lies anywhere in the cache, beyond the hardware prefetchers' guess:
+             * ask for its rows of this item's heads one key at a time, spread over this block. */
+            const int has_next = (blk + 1) * block_size < len;
+            const int64_t next = has_next ? (int64_t)table[blk + 1] * c_stride_block : base;
             const int t0 = blk * block_size > first ? blk * block_size : first;
             const int t1 = (blk + 1) * block_size < len ? (blk + 1) * block_size : len;
             const int n = t1 - t0;
             for (int t = 0; t < n; t++) {
-                load_row(k_cache, base + (int64_t)(t0 + t - blk * block_size) * c_stride_slot, is_bf16, d, row);
-                for (int g = 0; g < group; g++) {
-                    float dot = 0.0f;
+                const int64_t slot = base + (int64_t)(t0 + t - blk * block_size) * c_stride_slot;
+                if (has_next) {
+                    const char *kn = (const char *)k_cache + (next + (int64_t)t * c_stride_slot
+                                                               + (int64_t)kv0 * c_stride_head) * elem_size;
+                    const char *vn = (const char *)v_cache + (kn - (const char *)k_cache);
+                    for (int b = 0; b < kv_per_item * d * elem_size; b += 64) {
+                        __builtin_prefetch(kn + b, 0, 3);
+                        __builtin_prefetch(vn + b, 0, 3);
+                    }
+                }
+                for (int kv = 0; kv < kv_per_item; kv++) {
+                    load_row(k_cache, slot + (int64_t)(kv0 + kv) * c_stride_head, is_bf16, d, row);
+                    for (int g = 0; g < group; g++) {
+                        const float *qh = q[kv * group + g];
+                        float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                    for (int i = 0; i < d; i++) dot += q[g][i] * row[i];
-                    if (soft_cap > 0.0f) dot = soft_cap * tanhf(dot / soft_cap);
-                    p[g][t] = dot;
+                        for (int i = 0; i < d; i++) dot += qh[i] * row[i];
+                        if (soft_cap > 0.0f) dot = soft_cap * tanhf(dot / soft_cap);
+                        p[kv * group + g][t] = dot;
+                    }
                 }
             }
-            for (int g = 0; g < group; g++) {
-                float block_max = p[g][0];
-                for (int t = 1; t < n; t++) block_max = p[g][t] > block_max ? p[g][t] : block_max;
-                const float m_new = block_max > m[g] ? block_max : m[g];
-                const float alpha = expf(m[g] - m_new); /* 0 on the first block (m = -inf) */
+            for (int h = 0; h < nh; h++) {
+                float block_max = p[h][0];
+                for (int t = 1; t < n; t++) block_max = p[h][t] > block_max ? p[h][t] : block_max;
+                const float m_new = block_max > m[h] ? block_max : m[h];
+                const float alpha = m[h] == -INFINITY ? 0.0f : exp_nonpositive(m[h] - m_new);
                 float sum = 0.0f;
+                float *ph = p[h];
+#pragma omp simd reduction(+ : sum)
                 for (int t = 0; t < n; t++) {
-                    p[g][t] = expf(p[g][t] - m_new);
-                    sum += p[g][t];
+                    ph[t] = exp_nonpositive(ph[t] - m_new);
+                    sum += ph[t];
                 }
-                l[g] = l[g] * alpha + sum;
-                m[g] = m_new;
+                l[h] = l[h] * alpha + sum;
+                m[h] = m_new;
                 if (alpha != 1.0f) {
 #pragma omp simd
-                    for (int i = 0; i < d; i++) acc[g][i] *= alpha;
+                    for (int i = 0; i < d; i++) acc[h][i] *= alpha;
                 }
             }
             for (int t = 0; t < n; t++) {
-                load_row(v_cache, base + (int64_t)(t0 + t - blk * block_size) * c_stride_slot, is_bf16, d, row);
-                for (int g = 0; g < group; g++) {
-                    const float w = p[g][t];
+                const int64_t slot = base + (int64_t)(t0 + t - blk * block_size) * c_stride_slot;
+                for (int kv = 0; kv < kv_per_item; kv++) {
+                    load_row(v_cache, slot + (int64_t)(kv0 + kv) * c_stride_head, is_bf16, d, row);
+                    for (int g = 0; g < group; g++) {
+                        float *ah = acc[kv * group + g];
+                        const float w = p[kv * group + g][t];
 #pragma omp simd
-                    for (int i = 0; i < d; i++) acc[g][i] += w * row[i];
+                        for (int i = 0; i < d; i++) ah[i] += w * row[i];
+                    }
                 }
             }
         }
-        for (int g = 0; g < group; g++) {
-            const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-            for (int i = 0; i < d; i++) acc[g][i] *= inv;
-            store_row(out, s * o_stride_t + (kvh * group + g) * o_stride_h, is_bf16, d, acc[g]);
+        for (int h = 0; h < nh; h++) {
+            const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+            for (int i = 0; i < d; i++) acc[h][i] *= inv;
+            store_row(out, s * o_stride_t + (kv0 * group + h) * o_stride_h, is_bf16, d, acc[h]);
         }
     }
     return 0;
