@@ -7,11 +7,15 @@
  * element strides; query/out [S, H, D] with row and head strides; block_tables [S, width] int32;
  * seq_lens [S] int32 (context length including the token being decoded, whose K/V are cached).
  * Each K/V row an item loads serves the G = H / Hkv query heads that share it.
- * Scores and the online softmax are fp32; one rescale per cache block rather than per key.
+ * Scores and the online softmax are fp32; one rescale per cache block rather than per key. Where
+ * the CPU has AVX512-BF16, bf16 scores use its pair-dot instruction on the raw bf16 rows.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16 /* query heads per KV head */
@@ -61,6 +65,20 @@ static inline void load_row(const void *base, int64_t offset, int is_bf16, int d
     }
 }
 
+#if defined(__AVX512BF16__)
+/* q . k over d bf16 values (d a multiple of 32), with the bf16 pair-dot instruction: products are
+ * exact in fp32, as in the generic path; only the summation order differs. */
+static inline float dot_bf16(const uint16_t *q, const uint16_t *k, int d) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < d; i += 32) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(q + i));
+        const __m512bh kv = (__m512bh)_mm512_loadu_si512((const void *)(k + i));
+        acc = _mm512_dpbf16_ps(acc, qv, kv);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#endif
+
 static inline void store_row(void *base, int64_t offset, int is_bf16, int d, const float *src) {
     if (is_bf16) {
         uint16_t *dst = (uint16_t *)base + offset;
@@ -98,6 +116,13 @@ int paged_decode_attention(
         const int kv0 = (int)(item % items_per_seq) * kv_per_item;
         float q[nh][d], acc[nh][d], p[nh][MAX_BLOCK], m[nh], l[nh];
         float row[MAX_HEAD_DIM];
+#if defined(__AVX512BF16__)
+        /* bf16 caches: the query stays bf16 (unscaled) for the pair-dot instruction. */
+        const int use_dpbf16 = is_bf16 && d % 32 == 0;
+        const uint16_t *q16[nh];
+        for (int h = 0; h < nh; h++)
+            q16[h] = (const uint16_t *)query + s * q_stride_t + (kv0 * group + h) * q_stride_h;
+#endif
         for (int h = 0; h < nh; h++) {
             load_row(query, s * q_stride_t + (kv0 * group + h) * q_stride_h, is_bf16, d, q[h]);
             for (int i = 0; i < d; i++) q[h][i] *= scale;
@@ -131,7 +156,18 @@ int paged_decode_attention(
                     }
                 }
                 for (int kv = 0; kv < kv_per_item; kv++) {
-                    load_row(k_cache, slot + (int64_t)(kv0 + kv) * c_stride_head, is_bf16, d, row);
+                    const int64_t key = slot + (int64_t)(kv0 + kv) * c_stride_head;
+#if defined(__AVX512BF16__)
+                    if (use_dpbf16) {
+                        for (int g = 0; g < group; g++) {
+                            float dot = scale * dot_bf16(q16[kv * group + g], (const uint16_t *)k_cache + key, d);
+                            if (soft_cap > 0.0f) dot = soft_cap * tanhf(dot / soft_cap);
+                            p[kv * group + g][t] = dot;
+                        }
+                        continue;
+                    }
+#endif
+                    load_row(k_cache, key, is_bf16, d, row);
                     for (int g = 0; g < group; g++) {
                         const float *qh = q[kv * group + g];
                         float dot = 0.0f;
