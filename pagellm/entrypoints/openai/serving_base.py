@@ -145,9 +145,6 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
-# ---- streaming and disconnects -------------------------------------------------------------
-
-
 def prompt_list(value: str | list[str] | list[int] | list[list[int]], field: str) -> list[str | list[int]]:
     """A request's prompts from its `field`: one string, one token-id list, or a list of either."""
     if isinstance(value, str):
@@ -157,6 +154,9 @@ def prompt_list(value: str | list[str] | list[int] | list[list[int]], field: str
     if all(isinstance(t, int) for t in value):
         return [list(value)]  # type: ignore[arg-type]  # one tokenized prompt
     return list(value)  # type: ignore[arg-type]
+
+
+# ---- streaming and disconnects -------------------------------------------------------------
 
 
 def sse(payload: BaseModel | dict[str, Any]) -> str:

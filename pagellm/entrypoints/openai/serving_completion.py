@@ -214,8 +214,6 @@ class OpenAIServingCompletion(OpenAIServing):
                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
 
-
-
 async def _collect(streams: Sequence[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
     finals: list[RequestOutput | None] = [None] * len(streams)
     async for i, out in merge_streams(streams):

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from pagellm.kernels.triton.device_info import num_sms
+from pagellm.kernels.triton.launch_config import check_tiles
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -54,14 +55,7 @@ class AttentionKernelConfig:
     num_stages: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16; got {value}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1; got {self.num_stages}")
+        check_tiles(self, ("block_m", "block_n"))
 
 
 @triton.jit

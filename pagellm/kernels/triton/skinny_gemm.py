@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagellm.kernels.triton.launch_config import check_tiles
+
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest batch the skinny kernel takes; above it cuBLAS's large tiles win.
 MAX_SKINNY_ROWS = 16
@@ -42,14 +44,7 @@ class SkinnyGemmConfig:
     def __post_init__(self) -> None:
         if self.block_m != 1 and (self.block_m < 16 or self.block_m & (self.block_m - 1)):
             raise ValueError(f"block_m must be 1 or a power of two >= 16; got {self.block_m}")
-        for name in ("block_n", "block_k"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16; got {value}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1; got {self.num_stages}")
+        check_tiles(self, ("block_n", "block_k"))
         if self.split_k not in (1, 2, 4, 8, 16):
             raise ValueError(f"split_k must be one of 1, 2, 4, 8, 16; got {self.split_k}")
         if self.split_k > 1 and self.block_m > MAX_SKINNY_ROWS:

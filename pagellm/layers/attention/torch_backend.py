@@ -104,7 +104,9 @@ class TorchAttentionBackend(AttentionBackend):
             self._write(key, value, k_cache, v_cache, meta, plans)
         outs = []
         nd = meta.num_decodes
-        in_place = nd > 0 and cpu_decode.supports(query, k_cache)
+        if "cpu_kernel" not in plans:  # the same answer for every layer of the step
+            plans["cpu_kernel"] = nd > 0 and cpu_decode.supports(query, k_cache)
+        in_place = plans["cpu_kernel"]
         if in_place:
             # The decodes read their blocks in place (C kernel) instead of gather + SDPA.
             outs.append(cpu_decode.paged_decode_attention(
