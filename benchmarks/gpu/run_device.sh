@@ -8,9 +8,13 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 Q=benchmarks/configs/qwen3-0.6b; L=benchmarks/configs/llama-3.1-8b
 for s in $STAGES; do case $s in
 check) timeout 240 python3 benchmarks/gpu/check_backends.py 2>&1 | tee $OUT/check.log | grep -E "PASS|FAIL|Error|error" ;;
-kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py tests/test_skinny_gemm.py 2>&1 | tail -3 ;;
+kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py tests/test_skinny_gemm.py tests/test_gumbel_kernel.py tests/test_decode_graph_inputs.py 2>&1 | tail -3 ;;
+samp) timeout 150 python3 benchmarks/kernels/bench_sampling.py 2>&1 | tee $OUT/samp.log | tail -14 ;;
 gemm) timeout 280 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 16 2>&1 | tee $OUT/gemm8b.log | sed -n '/^rows/,$p'
       timeout 200 python3 benchmarks/kernels/bench_gemm.py --model qwen3-0.6b --rows 1 16 2>&1 | tee $OUT/gemmq.log | sed -n '/^rows/,$p' ;;
+gemmdown) timeout 250 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 --only down --top 6 2>&1 | tee $OUT/gemmdown.log | sed -n '/^M=/,$p' ;;
+host) timeout 200 python3 benchmarks/gpu/host_profile.py $Q 2>&1 | tee $OUT/host.log | grep -v INFO | head -120 ;;
+thr1) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 --output-json $OUT/thr.json 2>&1 | tee $OUT/thr.log | grep -E "Throughput|KV cache:|captured" ;;
 gemmbig) timeout 280 python3 benchmarks/kernels/bench_gemm.py --model qwen3-0.6b --rows 64 176 256 --top 2 2>&1 | tee $OUT/gemmbig.log | sed -n '/^rows/,$p' ;;
 proflat) PROF_TOP=40 timeout 200 python3 benchmarks/gpu/profile_steps.py $L --latency --windows 40:100 2>&1 | tee $OUT/proflat.log | grep -v INFO ;;
 attn1) timeout 120 python3 benchmarks/kernels/bench_attention.py --num-heads 32 --num-kv-heads 8 --batches 1 2 4 --contexts 640 1024 --splits 1 2 4 8 16 2>&1 | tee $OUT/attn1.log ;;

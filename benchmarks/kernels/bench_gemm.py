@@ -36,6 +36,9 @@ def candidate_configs(rows: int) -> list[SkinnyGemmConfig]:
     if rows == 1:
         for bn, bk, w, split in itertools.product((16, 32), (256, 512), (4, 8), (1, 2, 4, 8)):
             configs.append(SkinnyGemmConfig(1, bn, bk, w, 1, split))
+        # The FMA path software-pipelined (shorter K steps so the stages fit in shared memory).
+        for bn, bk, stages, split in itertools.product((16, 32, 64), (64, 128), (2, 3), (1, 2, 4)):
+            configs.append(SkinnyGemmConfig(1, bn, bk, 4, stages, split))
     if rows <= 16:
         for bn, bk, split in itertools.product((32, 64), (128, 256), (1, 2, 4)):
             configs.append(SkinnyGemmConfig(16, bn, bk, 4, 4, split))
@@ -106,6 +109,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(SHAPES), default="llama-8b")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--top", type=int, default=3, help="configs listed per shape")
+    parser.add_argument("--only", nargs="+", default=None, help="projections to time (qkv o gate_up down lm_head)")
     args = parser.parse_args()
     dtype = torch.bfloat16
     spec = SHAPES[args.model]
@@ -113,6 +117,8 @@ def main() -> None:
     for rows in args.rows:
         configs = candidate_configs(rows)
         for label, n, k, gated in spec["gemms"] + [spec["head"]]:
+            if args.only and label not in args.only:
+                continue
             results = bench_shape(n, k, gated, rows, configs, dtype)
             base_name, base = results[0]
             ranked = sorted((r for r in results[1:] if r[1] == r[1]), key=lambda r: r[1])

