@@ -26,7 +26,7 @@ def _step(num_seqs, heads, kv_heads, head_dim, block_size, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(9, 3, 64, 16), (8, 2, 32, 4), (4, 4, 48, 8),
-                                                                (16, 2, 128, 16)])
+                                                                (16, 2, 128, 16), (4, 2, 64, 32)])
 @pytest.mark.parametrize("window,cap", [(None, None), (5, None), (None, 30.0)])
 @pytest.mark.parametrize("per_item", [None, 1])
 def test_cpu_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim, block_size, window, cap, per_item):
