@@ -8,7 +8,7 @@ The inputs go in with one host-to-device copy (each copy costs a few microsecond
 plus a gap, whatever its size). A step's inputs are packed into a pinned byte buffer laid out
 exactly like the graphs' static device buffer (DecodeInputLayout), and the bytes the step uses are
 copied at once. Two inputs cannot be copied straight into place, so the graph finishes them with a
-one-program-per-row kernel before the model runs:
+one-program-per-row kernel (kernels/triton/decode_inputs.py) before the model runs:
 
 - block tables: attention reads [max_batch, max_blocks_per_seq] with a fixed row stride, but a
   step's tables are only `width` blocks wide; they travel packed [size, width] and are spread out.
@@ -34,16 +34,9 @@ import torch
 
 from pagellm.layers.attention.backend import AttentionMetadata
 
-try:  # Triton ships with CUDA builds of torch; without it there is no GPU to capture graphs on.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = tl = None
-
 logger = logging.getLogger(__name__)
 
 _ALIGN = 256  # bytes; every region starts aligned, so typed views and vector loads are legal
-_TABLE_BLOCK = 128  # block-table columns a finishing program moves per iteration
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -169,28 +162,6 @@ def pack_decode_inputs(host: DecodeInputs, layout: DecodeInputLayout, size: int,
     return layout.step_bytes(size, width)
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
-def _finish_decode_inputs_kernel(header_ptr, input_ids_ptr, prev_rows_ptr, tables_ptr, block_tables_ptr,
-                                 stride_bt, BLOCK: tl.constexpr):
-    # One program per (padded) row: the token from the previous step, then the block table spread out.
-    row = tl.program_id(0)
-    token = tl.load(input_ids_ptr + row)
-    if token < 0:
-        previous = tl.load(header_ptr).to(tl.pointer_type(tl.int64))
-        tl.store(input_ids_ptr + row, tl.load(previous + tl.load(prev_rows_ptr + row)))
-    width = tl.load(header_ptr + 1).to(tl.int32)
-    src = tables_ptr + row * width
-    dst = block_tables_ptr + row.to(tl.int64) * stride_bt
-    for start in range(0, width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < width
-        tl.store(dst + cols, tl.load(src + cols, mask=mask), mask=mask)
-
-
 class DecodeGraphs:
     """Captured decode graphs and their static input/output buffers; a step runs through
     `replay_from_host` (host lists in, one copy)."""
@@ -236,9 +207,9 @@ class DecodeGraphs:
     def finish_inputs(self, size: int) -> None:
         """Fills pending tokens and spreads the packed block tables into the static inputs of rows
         [0, size) (part of every graph; callable alone, e.g. to inspect the inputs)."""
-        _finish_decode_inputs_kernel[(size,)](
-            self.inputs.header, self.inputs.input_ids, self.inputs.prev_rows, self.inputs.tables, self.block_tables,
-            self.block_tables.stride(0), BLOCK=_TABLE_BLOCK, num_warps=1)
+        from pagellm.kernels.triton.decode_inputs import finish_decode_inputs
+        finish_decode_inputs(self.inputs.header, self.inputs.input_ids, self.inputs.prev_rows, self.inputs.tables,
+                             self.block_tables, size)
 
     def _run(self, b: int) -> torch.Tensor:
         self.finish_inputs(b)
