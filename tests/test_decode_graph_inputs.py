@@ -110,10 +110,10 @@ def test_staging_alternates_host_buffers():
     # Step N + 1 must not overwrite the buffer step N's (possibly in-flight) copy reads from.
     graphs = make_graphs()
     graphs.stage([1], [0], [0], [1], [[0]])
-    first = graphs._slot
+    first = graphs._staging.slot
     graphs.stage([2], [0], [0], [1], [[0]])
-    assert graphs._slot != first
-    assert graphs._host_views[first].input_ids[0] == 1 and graphs._host_views[graphs._slot].input_ids[0] == 2
+    assert graphs._staging.slot != first
+    assert graphs._host_views[first].input_ids[0] == 1 and graphs._host_views[graphs._staging.slot].input_ids[0] == 2
 
 
 def test_stage_validates_pending_tokens():

@@ -38,10 +38,6 @@ class CachedBlock(NamedTuple):
     entry_id: int
 
 
-def _token_key(token_ids: list[int]) -> tuple[int, ...]:
-    return tuple(token_ids)
-
-
 @dataclass
 class PrefixCacheStats:
     """Prompt tokens looked up in the prefix cache and tokens found there (vLLM counts tokens)."""
@@ -132,7 +128,7 @@ class BlockPool:
     def cache(self, block: int, block_hash_value: int, token_ids: list[int], extra_keys: ExtraKeys,
               parent_entry: int | None) -> CachedBlock:
         """Registers a full, computed block under its hash. Returns its entry."""
-        entry = CachedBlock(block_hash_value, _token_key(token_ids), extra_keys, parent_entry,
+        entry = CachedBlock(block_hash_value, tuple(token_ids), extra_keys, parent_entry,
                             self._next_entry_id)
         self._next_entry_id += 1
         self._entries[block] = entry
@@ -145,7 +141,7 @@ class BlockPool:
         candidates = self._by_hash.get(block_hash_value)
         if not candidates:
             return None
-        tokens = _token_key(token_ids)
+        tokens = tuple(token_ids)
         for block in candidates:
             entry = self._entries[block]
             if entry.parent_entry == parent_entry and entry.token_ids == tokens and entry.extra_keys == extra_keys:

@@ -16,8 +16,8 @@ one-program-per-row kernel (kernels/triton/decode_inputs.py) before the model ru
   with the row of the previous step's output tensor holding them; the header carries that tensor's
   address (it lives on the device, in the same stream, so the graph reads it in order).
 
-Two pinned buffers alternate, and one is refilled only after the event recorded behind its last
-copy has fired: the host packs step N + 1 while step N's copy may still be reading.
+Two pinned buffers alternate (worker/staging.py), and one is refilled only after the event recorded
+behind its last copy has fired: the host packs step N + 1 while step N's copy may still be reading.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pagellm.layers.attention.backend import AttentionMetadata
+from pagellm.worker.staging import StagingBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -184,13 +185,10 @@ class DecodeGraphs:
         self.slot_mapping, self.seq_lens = self.inputs.slot_mapping, self.inputs.seq_lens
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        # Two pinned staging buffers, each with the event behind its last copy (None: free).
-        self._pinned = device.type == "cuda"
-        self._host = [torch.zeros(self.layout.nbytes, dtype=torch.uint8, pin_memory=self._pinned)
-                      for _ in range(2)]
-        self._host_views = [DecodeInputs(*(v.numpy() for v in self.layout.views(h))) for h in self._host]
-        self._copied: list[torch.cuda.Event | None] = [None, None]
-        self._slot = 0
+        # Two pinned staging buffers that alternate (StagingBuffers waits before one is refilled),
+        # and the numpy views of each, made once.
+        self._staging = StagingBuffers(device)
+        self._host_views: dict[int, DecodeInputs] = {}
         self._previous_sampled: torch.Tensor | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -261,18 +259,16 @@ class DecodeGraphs:
         # The graph reads it by address: held until the next step, though the stream order that
         # guards any reuse of its memory would suffice.
         self._previous_sampled = previous_sampled
-        self._slot ^= 1
-        event = self._copied[self._slot]
-        if event is not None:
-            event.synchronize()  # the copy that last read this buffer (two steps ago) has completed
-            self._copied[self._slot] = None
-        nbytes = pack_decode_inputs(self._host_views[self._slot], self.layout, size, input_ids, positions,
-                                    slot_mapping, seq_lens, block_tables, pending_rows, pending_sources, address)
-        self._packed[:nbytes].copy_(self._host[self._slot][:nbytes], non_blocking=True)
-        if self._pinned:
-            event = torch.cuda.Event()
-            event.record()
-            self._copied[self._slot] = event
+        self._staging.begin_step()  # the copy that last read this slot's buffer (two steps ago) is done
+        host = self._staging.host_buffer("decode_inputs", self.layout.nbytes, torch.uint8)
+        slot = self._staging.slot
+        if slot not in self._host_views:
+            self._host_views[slot] = DecodeInputs(*(v.numpy() for v in self.layout.views(host)))
+        views = self._host_views[slot]
+        nbytes = pack_decode_inputs(views, self.layout, size, input_ids, positions, slot_mapping, seq_lens,
+                                    block_tables, pending_rows, pending_sources, address)
+        self._packed[:nbytes].copy_(host[:nbytes], non_blocking=True)
+        self._staging.end_step()
         return size
 
     def replay_from_host(self, input_ids: Sequence[int], positions: Sequence[int], slot_mapping: Sequence[int],

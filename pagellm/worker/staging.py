@@ -35,7 +35,13 @@ class StagingBuffers:
             event.record()
             self._copied[self._slot] = event
 
-    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    @property
+    def slot(self) -> int:
+        """Which of the two buffer sets this step fills (0 or 1)."""
+        return self._slot
+
+    def host_buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """This step's (pinned on CUDA) host buffer `name` of at least `numel` elements."""
         key = (self._slot, name)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
@@ -48,7 +54,7 @@ class StagingBuffers:
         array = np.asarray(values)
         if not self.pinned:
             return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-        buf = self._buffer(name, array.size, dtype)
+        buf = self.host_buffer(name, array.size, dtype)
         host = buf[:array.size].view(array.shape)
         host.numpy()[...] = array
         return host.to(self.device, non_blocking=True)

@@ -239,7 +239,7 @@ int paged_decode_attention(
                 }
             }
             for (int t = 0; t < n; t++) {
-                const int64_t slot = base + (int64_t)(t0 + t - blk * block_size) * c_stride_slot;
+                const int64_t slot = first_slot + (int64_t)t * c_stride_slot;
                 if (has_next) {
                     /* The next block lies anywhere in the cache, beyond the hardware prefetchers'
                      * guess: ask for its rows of this item's heads one key at a time, spread over
