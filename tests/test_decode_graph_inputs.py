@@ -28,7 +28,7 @@ def test_layout_regions_are_aligned_disjoint_and_typed():
         spans.append((start, start + view.numel() * view.element_size()))
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
     assert spans[-1][1] <= LAYOUT.nbytes
-    assert [v.dtype for v in views] == [torch.int64] * 5 + [torch.int32] * 2
+    assert [v.dtype for v in views] == [torch.int64] * 5 + [torch.int32] * 3
     assert views.input_ids.numel() == 16 and views.tables.numel() == 16 * 6
     # A step copies a prefix: everything up to the tables, then size * width of them.
     assert LAYOUT.step_bytes(4, 3) == LAYOUT.offsets["tables"] + 4 * 3 * 4
@@ -47,6 +47,7 @@ def test_pack_writes_rows_padding_and_pending_tokens():
     assert host.positions[:8].tolist() == [5, 2, 70, 0, 0, 0, 0, 0]
     assert host.slot_mapping[:8].tolist() == [119, 34, 21, -1, -1, -1, -1, -1]  # padding writes nothing
     assert host.seq_lens[:8].tolist() == [6, 3, 71, 1, 1, 1, 1, 1]
+    assert host.seq_order[:8].tolist() == [2, 0, 1, 3, 4, 5, 6, 7]         # longest first, padding last
     assert host.header.tolist() == [123456, 5]
     packed = host.tables[:8 * 5].reshape(8, 5)  # [size, width], zero beyond each table and on padding rows
     expected = np.zeros((8, 5), dtype=np.int32)

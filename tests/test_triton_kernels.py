@@ -234,6 +234,25 @@ def test_split_kv_decode(num_splits):
     run_and_compare(step, num_kv_splits=num_splits)
 
 
+def longest_first(step: dict) -> torch.Tensor:
+    return torch.argsort(step["seq_lens"].cpu(), descending=True, stable=True).to(torch.int32).to(DEVICE)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_order_is_a_schedule_only(num_splits):
+    # Programs taken longest sequence first (and a scrambled order) give the same rows; a sequence
+    # with no query this step (q_len 0) is skipped.
+    step = make_step([(3, 1), (47, 1), (16, 1), (30, 0), (31, 1)], num_heads=8, num_kv_heads=2, head_dim=64)
+    run_and_compare(step, num_kv_splits=num_splits, seq_order=longest_first(step))
+    scrambled = torch.tensor([2, 4, 0, 3, 1], dtype=torch.int32, device=DEVICE)
+    run_and_compare(step, num_kv_splits=num_splits, seq_order=scrambled, sliding_window=20)
+
+
+def test_decode_order_ignored_for_prefill_steps():
+    step = make_step([(0, 9), (12, 1), (5, 3)], num_heads=4, num_kv_heads=2, head_dim=64)
+    run_and_compare(step, seq_order=longest_first(step))
+
+
 def test_split_kv_mixed_batch_with_window():
     step = make_step([(0, 11), (40, 1), (20, 5)], num_heads=4, num_kv_heads=2, head_dim=64)
     run_and_compare(step, num_kv_splits=4, sliding_window=9)
@@ -305,6 +324,8 @@ def test_rejects_bad_input():
         paged_attention(*args, 3, 3, 0.1, logits_soft_cap=-1.0)
     with pytest.raises(ValueError, match="num_kv_splits"):
         paged_attention(*args, 3, 3, 0.1, num_kv_splits=3)
+    with pytest.raises(ValueError, match="seq_order"):
+        paged_attention(*args, 3, 3, 0.1, seq_order=torch.zeros(7, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="out must be"):
         paged_attention(*args, 3, 3, 0.1, out=torch.empty(3, 4, 32, device=DEVICE))
     with pytest.raises(ValueError, match="block_m"):
@@ -367,6 +388,17 @@ def test_gpu_other_models(head_dim, group, window, cap):
     decode_only = make_step(seqs[1:2] + seqs[4:], num_heads=group * 4, num_kv_heads=4, head_dim=head_dim,
                             dtype=torch.bfloat16)
     run_and_compare(decode_only, atol=2e-2, rtol=2e-2, sliding_window=window, logits_soft_cap=cap, num_kv_splits=8)
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_gpu_decode_order_ragged_batch(num_splits):
+    # gpu-thr-like ragged decode batch on Qwen3-0.6B heads, programs longest first.
+    gen = torch.Generator().manual_seed(5)
+    seqs = [(int(n), 1) for n in torch.randint(100, 2000, (150,), generator=gen)]
+    step = make_step(seqs, num_heads=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    run_and_compare(step, atol=2e-2, rtol=2e-2, num_kv_splits=num_splits, seq_order=longest_first(step))
 
 
 @gpu

@@ -28,6 +28,8 @@ lat0) PAGELLM_SKINNY_GEMM=0 timeout 200 python3 -m pagellm.benchmarks.latency --
 lat) timeout 200 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 --output-json $OUT/lat.json 2>&1 | tee $OUT/lat.log | tail -1 ;;
 start) s0=$(date +%s.%N); timeout 120 python3 benchmarks/gpu/startup.py $L > $OUT/start.log 2>&1; s1=$(date +%s.%N); python3 -c "print('gpu-start: %.1f s' % ($s1 - $s0))"; tail -1 $OUT/start.log ;;
 prof) timeout 300 python3 benchmarks/gpu/profile_steps.py $Q ${PROF_ARGS:-} 2>&1 | tee $OUT/prof.log | grep -v INFO ;;
+ragged) timeout 150 python3 benchmarks/kernels/bench_attention.py --num-heads 16 --num-kv-heads 8 --gpu-thr-steps 50 200 400 600 800 950 2>&1 | tee $OUT/ragged.log
+        timeout 100 python3 benchmarks/kernels/bench_attention.py --num-heads 32 --num-kv-heads 8 --gpu-thr-steps 200 600 2>&1 | tail -2 ;;
 splits) timeout 200 python3 benchmarks/kernels/bench_attention.py --num-heads 16 --num-kv-heads 8 --batches 8 16 24 32 48 64 96 128 --contexts 1024 2048 --splits 1 2 4 8 2>&1 | tee $OUT/splits.log ;;
 fused) timeout 200 python3 -m pytest -q tests/test_fused_kernels.py tests/test_sampler.py 2>&1 | tail -2 ;;
 pfx) for f in "" --no-enable-prefix-caching; do timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload shared-prefix --max-model-len 4096 $f 2>&1 | grep Throughput; done ;;

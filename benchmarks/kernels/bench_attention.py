@@ -8,12 +8,15 @@ so a little over 100% is possible). Run on a CUDA machine:
     python benchmarks/kernels/bench_attention.py --head-dim 256 --num-heads 16 --num-kv-heads 8
     python benchmarks/kernels/bench_attention.py --compare-splits      # also time split-KV off
     python benchmarks/kernels/bench_attention.py --config 16x64x4x3 --config 16x128x8x2   # tile sweep
+    python benchmarks/kernels/bench_attention.py --num-heads 16 --gpu-thr-steps 100 400 800
+        # gpu-thr's ragged decode batches at those steps: programs in batch order vs longest first
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
 
 import torch
 import triton
@@ -24,11 +27,13 @@ from pagellm.kernels.triton.paged_attention import AttentionKernelConfig, paged_
 PEAK_BYTES_PER_S = 4.24e12
 
 
-def build_decode_step(batch: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int,
+def build_decode_step(batch: int, context: int | list[int], num_heads: int, num_kv_heads: int, head_dim: int,
                       block_size: int, dtype: torch.dtype, seed: int = 0) -> dict:
-    """A decode step: `batch` sequences of `context` keys each, their blocks shuffled over the pool."""
+    """A decode step: `batch` sequences of `context` keys each (or contexts[i] for sequence i), their
+    blocks shuffled over the pool."""
+    contexts = context if isinstance(context, list) else [context] * batch
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    blocks_per_seq = -(-context // block_size)
+    blocks_per_seq = -(-max(contexts) // block_size)
     num_blocks = batch * blocks_per_seq
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device="cuda", dtype=dtype, generator=gen)
     v_cache = torch.randn_like(k_cache)
@@ -37,9 +42,41 @@ def build_decode_step(batch: int, context: int, num_heads: int, num_kv_heads: in
     return dict(
         query=torch.randn(batch, num_heads, head_dim, device="cuda", dtype=dtype, generator=gen),
         k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
-        seq_lens=torch.full((batch,), context, device="cuda", dtype=torch.int32),
+        seq_lens=torch.tensor(contexts, device="cuda", dtype=torch.int32),
         query_start_loc=torch.arange(batch + 1, device="cuda", dtype=torch.int32),
     )
+
+
+def gpu_thr_contexts(step: int) -> list[int]:
+    """Context lengths of the sequences still decoding at decode step `step` of gpu-thr (its draw)."""
+    random.seed(0)
+    prompts = [len([random.randint(0, 10000) for _ in range(random.randint(100, 1024))]) for _ in range(256)]
+    max_tokens = [random.randint(100, 1024) for _ in range(256)]
+    return [p + step for p, n in zip(prompts, max_tokens) if n > step]
+
+
+def bench_ragged(args, dtype: torch.dtype, scale: float) -> None:
+    """gpu-thr's decode batches: programs in batch order against longest first, graph replay."""
+    elem_size = torch.finfo(dtype).bits // 8
+    print(f"{'step':>5} {'seqs':>5} {'keys':>8} {'us batch order':>15} {'us longest first':>17} {'GB/s':>8}")
+    for t in args.gpu_thr_steps:
+        contexts = gpu_thr_contexts(t)
+        batch = len(contexts)
+        step = build_decode_step(batch, contexts, args.num_heads, args.num_kv_heads, args.head_dim,
+                                 args.block_size, dtype)
+        out = torch.empty_like(step["query"])
+        call_args = [step[k] for k in ("query", "k_cache", "v_cache", "block_tables", "seq_lens", "query_start_loc")]
+        longest = torch.argsort(step["seq_lens"], descending=True, stable=True).to(torch.int32)
+        times = []
+        for order in (None, longest):
+            def run(order=order) -> None:
+                paged_attention(*call_args, 1, 4096, scale, out=out, seq_order=order)
+            run()
+            torch.cuda.synchronize()
+            times.append(time_ms(run, not args.no_graph))
+        total = sum(2 * c * args.num_kv_heads * args.head_dim * elem_size for c in contexts)
+        print(f"{t:>5} {batch:>5} {sum(contexts):>8} {times[0] * 1e3:>15.1f} {times[1] * 1e3:>17.1f} "
+              f"{total / (times[1] * 1e-3) / 1e9:>8.0f}", flush=True)
 
 
 def bytes_moved(batch: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -86,6 +123,8 @@ def main() -> None:
                         help="time these split-KV counts too (e.g. 1 2 4 8), to tune the split heuristic")
     parser.add_argument("--config", action="append", default=[], metavar="MxNxWARPSxSTAGES",
                         help="time these tile configs instead of the default choice (repeatable)")
+    parser.add_argument("--gpu-thr-steps", type=int, nargs="+", default=None,
+                        help="time gpu-thr's ragged decode batches at these decode steps instead")
     args = parser.parse_args()
     configs: list[AttentionKernelConfig | None] = [parse_config(c) for c in args.config] or [None]
     if not torch.cuda.is_available():
@@ -102,6 +141,9 @@ def main() -> None:
         header += f" {'us(1 split)':>12} {'GB/s':>8}"
     for n in args.splits or []:
         header += f" {f'us({n} splits)':>13}"
+    if args.gpu_thr_steps:
+        bench_ragged(args, dtype, scale)
+        return
     print(header)
     for batch in args.batches:
         for context in args.contexts:

@@ -59,12 +59,13 @@ class DecodeInputs(NamedTuple):
     slot_mapping: torch.Tensor | np.ndarray  # [n] int64; -1 on padding rows
     prev_rows: torch.Tensor | np.ndarray     # [n] int64; read only where input_ids is -1
     seq_lens: torch.Tensor | np.ndarray      # [n] int32; 1 on padding rows
+    seq_order: torch.Tensor | np.ndarray     # [n] int32: rows longest first (attention's program order)
     tables: torch.Tensor | np.ndarray        # [n * max_blocks] int32; first size * width: [size, width]
 
 
 _REGIONS = (("header", torch.int64), ("input_ids", torch.int64), ("positions", torch.int64),
             ("slot_mapping", torch.int64), ("prev_rows", torch.int64), ("seq_lens", torch.int32),
-            ("tables", torch.int32))
+            ("seq_order", torch.int32), ("tables", torch.int32))
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,9 @@ def pack_decode_inputs(host: DecodeInputs, layout: DecodeInputLayout, size: int,
     host.slot_mapping[b:size] = -1
     host.seq_lens[:b] = seq_lens
     host.seq_lens[b:size] = 1
+    # Attention starts the longest sequences first (a stable sort; the padding rows stay last).
+    host.seq_order[:b] = np.argsort(-host.seq_lens[:b], kind="stable")
+    host.seq_order[b:size] = np.arange(b, size, dtype=np.int32)
     tables = host.tables[:size * width].reshape(size, width)
     tables.fill(0)
     for row, table in enumerate(block_tables):
@@ -198,6 +202,7 @@ class DecodeGraphs:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:b], query_start_loc=self.query_start_loc[:b + 1],
             seq_lens=self.seq_lens[:b], block_tables=self.block_tables[:b], max_query_len=1,
+            seq_order=self.inputs.seq_order[:b],
             # The bound, not this step's value: the graph keeps the grid it was captured with.
             max_seq_len=self.max_model_len, num_decodes=b, num_decode_tokens=b,
             query_lens_cpu=[1] * b, seq_lens_cpu=[1] * b)

@@ -19,6 +19,10 @@ How the work is cut:
   axis cuts each sequence's key range into NUM_SPLITS chunks; each writes a partial output and
   its log-sum-exp, and a second kernel merges them. The split count comes from host ints only, so
   a captured CUDA graph replays with the same grid.
+- Decode order (decode-only steps, optional): programs take (sequence, KV head) pairs in the order
+  of a `seq_order` tensor, longest sequence first, all KV heads of a sequence together. Programs are
+  dispatched roughly in grid order, so the long ones start first and the last wave holds the short
+  ones: with ragged contexts the step no longer waits on a few long sequences started last.
 """
 
 from __future__ import annotations
@@ -80,8 +84,8 @@ def _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
 def _paged_attention_kernel(
     out_ptr, partial_out_ptr, partial_lse_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    num_seqs, num_heads, scale, soft_cap, sliding_window,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq_order_ptr,
+    num_seqs, num_heads, num_kv_heads, scale, soft_cap, sliding_window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
@@ -90,18 +94,26 @@ def _paged_attention_kernel(
     PAGE_SIZE: tl.constexpr,         # cache block size
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    DECODE_ORDER: tl.constexpr,      # one query per sequence, programs in seq_order (see module doc)
     USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,       # Triton's CPU interpreter multiplies bf16 dot operands wrongly
 ):
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
     split = tl.program_id(2)
-
-    seq = _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_tile = tile - (q_start // BLOCK_Q + seq)  # this program's query tile within the sequence
+    if DECODE_ORDER:
+        pid = tl.program_id(0)                # [seq_order rank][KV head]
+        kv_head = pid % num_kv_heads
+        seq = tl.load(seq_order_ptr + pid // num_kv_heads)
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        q_tile = 0
+    else:
+        tile = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        seq = _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q)
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        q_tile = tile - (q_start // BLOCK_Q + seq)  # this program's query tile within the sequence
     if q_tile * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -266,7 +278,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     max_query_len: int, max_seq_len: int, scale: float,
                     sliding_window: int | None = None, logits_soft_cap: float | None = None,
                     out: torch.Tensor | None = None, *, num_kv_splits: int | None = None,
-                    config: AttentionKernelConfig | None = None) -> torch.Tensor:
+                    config: AttentionKernelConfig | None = None,
+                    seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a flattened step's queries over the paged KV cache.
 
     Args:
@@ -285,6 +298,10 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         num_kv_splits: force the split-KV count (power of two); None picks one (1 except for decode
             steps with few sequences on a GPU).
         config: force tile sizes; None picks them from the shapes.
+        seq_order: optional [S] int32 permutation of the sequences, for decode-only steps
+            (max_query_len <= 1): the order programs take them in, longest first being the
+            useful one (see the module doc). Results do not depend on it; ignored when
+            max_query_len > 1.
 
     Returns:
         `out` (or a new tensor), [T, num_heads, head_dim]. Rows of tokens past query_start_loc[S]
@@ -295,7 +312,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     No host-device sync: tensor values are not inspected.
     """
     _validate(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len,
-              max_seq_len, sliding_window, logits_soft_cap, out, num_kv_splits)
+              max_seq_len, sliding_window, logits_soft_cap, out, num_kv_splits, seq_order)
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -313,9 +330,12 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if num_kv_splits is None:
         num_kv_splits = select_num_splits(query.device, num_seqs, num_kv_heads, max_query_len, max_seq_len)
     block_q = config.block_m // group
-    # Sequence s owns tiles from query_start_loc[s] // block_q + s on; this bounds the total.
-    num_tiles = num_tokens // block_q + num_seqs
-    grid = (num_tiles, num_kv_heads, num_kv_splits)
+    decode_order = seq_order is not None and max_query_len <= 1
+    if decode_order:
+        grid = (num_seqs * num_kv_heads, 1, num_kv_splits)
+    else:
+        # Sequence s owns tiles from query_start_loc[s] // block_q + s on; this bounds the total.
+        grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_kv_splits)
 
     if num_kv_splits > 1:
         partial_out = torch.empty(num_tokens, num_heads, num_kv_splits, head_dim, dtype=torch.float32,
@@ -329,8 +349,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _paged_attention_kernel[grid](
         out, partial_out, partial_lse,
         query, k_cache, v_cache,
-        block_tables, seq_lens, query_start_loc,
-        num_seqs, num_heads, float(scale),
+        block_tables, seq_lens, query_start_loc, seq_order if decode_order else seq_lens,
+        num_seqs, num_heads, num_kv_heads, float(scale),
         float(logits_soft_cap) if logits_soft_cap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -339,7 +359,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=block_size,
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
-        NUM_SPLITS=num_kv_splits,
+        NUM_SPLITS=num_kv_splits, DECODE_ORDER=decode_order,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=query.device.type != "cuda" and query.dtype == torch.bfloat16,
@@ -357,7 +377,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def _validate(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
               seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, max_seq_len: int,
               sliding_window: int | None, logits_soft_cap: float | None, out: torch.Tensor | None,
-              num_kv_splits: int | None) -> None:
+              num_kv_splits: int | None, seq_order: torch.Tensor | None = None) -> None:
     if query.dim() != 3:
         raise ValueError(f"query must be [T, num_heads, head_dim]; got shape {tuple(query.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -404,7 +424,12 @@ def _validate(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         if tuple(out.shape) != tuple(query.shape) or out.dtype != query.dtype or out.stride(-1) != 1:
             raise ValueError(f"out must be {tuple(query.shape)} {query.dtype} with a contiguous last dimension; "
                              f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    if seq_order is not None and (seq_order.dim() != 1 or seq_order.shape[0] != seq_lens.shape[0]
+                                  or seq_order.dtype not in _INDEX_DTYPES or not seq_order.is_contiguous()):
+        raise ValueError(f"seq_order must be a contiguous [S = {seq_lens.shape[0]}] int32/int64 permutation; got "
+                         f"{seq_order.dtype} {tuple(seq_order.shape)}")
     tensors = (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc) + ((out,) if out is not None else ())
+    tensors += (seq_order,) if seq_order is not None else ()
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devices))}")

@@ -27,6 +27,9 @@ class AttentionMetadata:
     num_decode_tokens: int
     query_lens_cpu: list[int]      # host copies for backends that loop on the host
     seq_lens_cpu: list[int]
+    # [S] int32, decode-only steps: a permutation of the sequences, longest first, that attention
+    # may take its programs in (a schedule only; results do not depend on it).
+    seq_order: torch.Tensor | None = None
 
 
 class AttentionBackend(ABC):

@@ -20,4 +20,5 @@ class TritonAttentionBackend(AttentionBackend):
         if not kv_written:
             write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         return paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                               meta.max_query_len, meta.max_seq_len, scale, sliding_window, logits_soft_cap)
+                               meta.max_query_len, meta.max_seq_len, scale, sliding_window, logits_soft_cap,
+                               seq_order=meta.seq_order)
