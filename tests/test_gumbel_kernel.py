@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.sampling import _neg_log2_exponential, gumbel_sample, gumbel_sample_with
+from pagellm.kernels.triton.sampling import (_neg_log2_exponential, compile_all, gumbel_sample, gumbel_sample_with,
+                                             launch_config)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NEG_INF = float("-inf")
@@ -142,3 +143,11 @@ def test_rejects_bad_launch_config():
         gumbel_sample_with(logits, temperature, 0, block=24, iters=1, num_warps=4)
     with pytest.raises(ValueError, match="iters"):
         gumbel_sample_with(logits, temperature, 0, block=16, iters=0, num_warps=4)
+
+
+def test_compile_all_runs_one_batch_per_launch_config():
+    vocab, max_rows = (151936, 256) if DEVICE.type == "cuda" else (300, 4)
+    configs = {launch_config(rows, vocab, DEVICE.type == "cuda") for rows in range(1, max_rows + 1)}
+    assert compile_all(max_rows, vocab, torch.bfloat16, DEVICE) == len(configs)
+    if DEVICE.type == "cuda":
+        assert len(configs) > 1  # the chunking deepens with the batch: the variants a warm-up can miss

@@ -116,3 +116,75 @@ def test_skinny_gemm_at_model_shapes(dtype, n, k, gated):
             if config is None or (config.block_m == 1 and rows > 1):
                 continue
             _check(skinny_gemm(x, w, config=config, gated=gated), ref, dtype, k)
+
+
+def _rope_reference(qkv, positions, cos_sin_cache, num_rotated, dtype):
+    """qkv [M, heads, D] in the model dtype -> the q and k heads rotated as the unfused kernels do."""
+    half = qkv.shape[-1] // 2
+    cs = cos_sin_cache[positions].to(dtype).float()                     # [M, 2, D]
+    cos, sin = cs[:, 0, None, :], cs[:, 1, None, :]                      # [M, 1, D]
+    x = qkv[:, :num_rotated].float()
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]], -1)
+    out = qkv.clone()
+    out[:, :num_rotated] = rotated.to(dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,config,head_dim", [
+    (1, SkinnyGemmConfig(1, 16, 32, num_stages=1), 32),                # FMA path, half-strips of 8
+    (3, SkinnyGemmConfig(16, 16, 32, num_stages=2), 16),               # half-strips are whole halves
+    (5, SkinnyGemmConfig(16, 32, 16, num_stages=1, split_k=2), 64),    # split-K: the last slice rotates
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_gemm_rope_matches_linear_then_rope(dtype, rows, config, head_dim, bias):
+    from pagellm.kernels.triton.skinny_gemm import skinny_gemm_rope
+    g = torch.Generator().manual_seed(rows + head_dim)
+    hq, hkv, k, block_size = 4, 2, 48, 4
+    n = (hq + 2 * hkv) * head_dim
+    x = torch.randn(rows, k, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    positions = torch.randint(0, 50, (rows,), generator=g).to(DEVICE)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.arange(64).float()[:, None] * torch.cat([inv_freq, inv_freq])[None, :]
+    cos_sin_cache = torch.stack([angles.cos(), angles.sin()], dim=1).to(DEVICE)   # [64, 2, D]
+    k_cache = torch.full((8, block_size, hkv, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    slots = torch.randperm(8 * block_size, generator=g)[:rows].to(DEVICE)
+    slots[rows // 2] = -1  # a padding row: computed, never cached
+
+    out = skinny_gemm_rope(x, w, b, config=config, num_q_heads=hq, num_kv_heads=hkv, positions=positions,
+                           cos_sin_cache=cos_sin_cache, kv_cache=(k_cache, v_cache, slots))
+    qkv = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype).view(rows, -1, head_dim)
+    expected = _rope_reference(qkv, positions, cos_sin_cache, hq + hkv, dtype)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.view(rows, -1, head_dim).float(), expected.float(), atol=tol, rtol=tol)
+    for row, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            block, offset = divmod(slot, block_size)
+            torch.testing.assert_close(k_cache[block, offset], out.view(rows, -1, head_dim)[row, hq:hq + hkv])
+            torch.testing.assert_close(v_cache[block, offset], out.view(rows, -1, head_dim)[row, hq + hkv:])
+    written = (~k_cache.isnan().all(dim=-1).all(dim=-1)).sum().item()
+    assert written == sum(1 for s in slots.tolist() if s >= 0)  # nothing else was touched
+
+
+def test_skinny_gemm_rope_rejects_bad_input():
+    from pagellm.kernels.triton.skinny_gemm import skinny_gemm_rope
+    x, w = torch.randn(2, 16).to(DEVICE), torch.randn(4 * 32, 16).to(DEVICE)   # 4 heads of 32
+    table = torch.zeros(8, 2, 32).to(DEVICE)
+    positions = torch.zeros(2, dtype=torch.long).to(DEVICE)
+    config = SkinnyGemmConfig(16, 16, 16, num_stages=1)
+    with pytest.raises(ValueError, match="heads"):
+        skinny_gemm_rope(x, w, None, config=config, num_q_heads=3, num_kv_heads=1, positions=positions,
+                         cos_sin_cache=table)
+    with pytest.raises(ValueError, match="block_n"):
+        skinny_gemm_rope(x, w, None, config=SkinnyGemmConfig(16, 64, 16), num_q_heads=2, num_kv_heads=1,
+                         positions=positions, cos_sin_cache=table)
+    with pytest.raises(ValueError, match="cos_sin_cache"):
+        skinny_gemm_rope(x, w, None, config=config, num_q_heads=2, num_kv_heads=1, positions=positions,
+                         cos_sin_cache=table[:, :, :16])
+    with pytest.raises(ValueError, match="positions"):
+        skinny_gemm_rope(x, w, None, config=config, num_q_heads=2, num_kv_heads=1, positions=positions[:1],
+                         cos_sin_cache=table)

@@ -20,11 +20,17 @@ def _run(folder, backend: str):
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
-def test_triton_path_equals_torch_backend(tiny_model_dirs, kind):
+def test_triton_path_equals_torch_backend(tiny_model_dirs, kind, monkeypatch):
+    from pagellm.kernels.triton import skinny_gemm as skinny_module
+    rope_calls = []
+    original = skinny_module.skinny_gemm_rope
+    monkeypatch.setattr(skinny_module, "skinny_gemm_rope", lambda *a, **k: rope_calls.append(1) or original(*a, **k))
     folder = tiny_model_dirs(kind)
     fast_llm, fast = _run(folder, "triton")
     model = fast_llm.llm_engine.runner.model
     assert model.model.fused_rope and model.model.norm.use_triton  # the fused kernels really ran
+    # Decode steps of Llama (no q/k norm) take RoPE and the cache stores in the qkv GEMM's epilogue.
+    assert bool(rope_calls) == (kind == "llama")
     _, ref = _run(folder, "torch")
     for a, b in zip(fast, ref):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

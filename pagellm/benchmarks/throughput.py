@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 from pagellm.benchmarks.workloads import Workload, fixed_lengths, per_request_draw, standard_workload
+
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +84,7 @@ def main(args: argparse.Namespace) -> None:
         import cProfile
         profiler = cProfile.Profile()
         profiler.enable()
+    logger.info("timed run: %d requests", len(prompts))
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start

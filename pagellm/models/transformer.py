@@ -193,10 +193,35 @@ class DecoderAttention(nn.Module):
             qk_norm_rope_(qkv, self.num_heads, self.num_kv_heads, positions, table, kv_cache=cache)
         return cache is not None
 
+    def _project_rotate_and_cache(self, x: torch.Tensor, positions: torch.Tensor,
+                                  meta: AttentionMetadata) -> torch.Tensor | None:
+        """Decode batches without q/k norms: the qkv product, RoPE and the K/V cache stores as one
+        skinny-GEMM launch (kernels/triton/skinny_gemm.py). Returns qkv [T, H + 2 Hkv, D], or None
+        where that kernel does not take the step."""
+        proj = self.qkv_proj
+        if self.qk_norm or not proj.use_triton or x.dim() != 2 or x.stride(-1) != 1:
+            return None
+        if meta.slot_mapping.shape[0] != x.shape[0] or self.attn.k_cache.dim() != 4:
+            return None
+        from pagellm.kernels.triton.skinny_gemm import rope_config, skinny_gemm_rope
+        config = rope_config(x.shape[0], proj.out_features, proj.in_features, self.head_dim, x.device)
+        if config is None:
+            return None
+        qkv = skinny_gemm_rope(x, proj.weight, proj.bias, config=config, num_q_heads=self.num_heads,
+                               num_kv_heads=self.num_kv_heads, positions=positions,
+                               cos_sin_cache=self.rotary.cos_sin_cache,
+                               kv_cache=(self.attn.k_cache, self.attn.v_cache, meta.slot_mapping))
+        return qkv.view(x.shape[0], -1, self.head_dim)
+
     def forward(self, cos_sin: torch.Tensor | None, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """`cos_sin`: the step's rotary rows (RotaryEmbedding.cos_sin), or the positions [T] once the
         fused kernel is on (it reads this layer's rotary table itself)."""
         t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self._project_rotate_and_cache(x, cos_sin, meta) if self.fused_rope else None
+        if qkv is not None:
+            q, k, v = qkv[:, :h], qkv[:, h:h + hkv], qkv[:, h + hkv:]
+            out = self.attn(q, k, v, meta, kv_written=True)  # [T, H, D]
+            return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
         qkv = self.qkv_proj(x).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
         v = qkv[:, h + hkv:]  # [T, Hkv, D]
         kv_written = False

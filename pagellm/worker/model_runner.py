@@ -107,6 +107,11 @@ class ModelRunner:
         self.staging = StagingBuffers(device)
         self.num_blocks = self._allocate_kv_cache()
         self.capture_cuda_graphs()
+        spec = getattr(model, "spec", None)
+        if self.sampler.use_triton and device.type == "cuda" and spec is not None:
+            from pagellm.kernels.triton.sampling import compile_all
+            # Every row count's sampler variant now, not in the middle of the first big batch.
+            compile_all(self.max_num_seqs, spec.vocab_size, next(model.parameters()).dtype, device)
 
     # ---- KV cache -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:

@@ -109,7 +109,7 @@ def qk_norm_rope_(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, positi
     if positions.shape != (num_tokens,):
         raise ValueError(f"positions must be [{num_tokens}]; got {tuple(positions.shape)}")
     if kv_cache is not None:
-        _validate_cache(kv_cache, num_tokens, num_kv_heads, head_dim, qkv.dtype)
+        validate_kv_cache(kv_cache, num_tokens, num_kv_heads, head_dim, qkv.dtype)
     if num_tokens == 0:
         return
     rotated = num_q_heads + num_kv_heads
@@ -131,7 +131,7 @@ def qk_norm_rope_(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, positi
     )
 
 
-def _validate_cache(kv_cache, num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+def validate_kv_cache(kv_cache, num_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
     k_cache, v_cache, slot_mapping = kv_cache
     if k_cache.dim() != 4 or tuple(k_cache.shape[2:]) != (num_kv_heads, head_dim) or v_cache.shape != k_cache.shape:
         raise ValueError(f"k_cache and v_cache must both be [num_blocks, block_size, {num_kv_heads}, {head_dim}]; "

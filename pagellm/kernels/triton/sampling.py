@@ -125,6 +125,19 @@ def launch_config(num_rows: int, vocab_size: int, is_cuda: bool) -> tuple[int, i
     return block, iters
 
 
+def compile_all(max_rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Compiles every kernel variant that batches of 1..max_rows rows will launch (ITERS, and the
+    reduction's width, depend on the row count), so none compiles in the middle of serving; returns
+    how many variants were run. Call once at start-up on CUDA."""
+    first_rows: dict[tuple[int, int], int] = {}
+    for rows in range(1, max_rows + 1):
+        first_rows.setdefault(launch_config(rows, vocab_size, device.type == "cuda"), rows)
+    temperature = torch.ones(max(first_rows.values()), dtype=torch.float32, device=device)
+    for rows in first_rows.values():
+        gumbel_sample(torch.zeros(rows, vocab_size, dtype=dtype, device=device), temperature[:rows], 0)
+    return len(first_rows)
+
+
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
     """One token per row of logits [S, V] (any float dtype): greedy where temperature [S] is 0,
     else an exact draw from softmax(logits / temperature). `seed` picks the random stream; the

@@ -11,6 +11,10 @@ software pipeline (num_stages), so even a 4096-wide output spreads over every SM
   gated MLP's down projection needs no separate activation kernel (rounded as SiluAndMul rounds).
 - SPLIT_K: narrow outputs (few strips) also cut K into slices; each program parks its slice's sum
   in a workspace and the last to arrive for a tile adds them in order (deterministic, one launch).
+- ROPE_HALF (skinny_gemm_rope): the product is an attention layer's fused qkv. A program's strip is
+  two half-strips of one head, columns d and d + head_dim / 2, so its epilogue holds both halves of
+  each rotation pair: it applies RoPE to q and k heads and stores the step's K and V in the paged
+  cache, as kernels/triton/rotary.py would in a second launch.
 """
 
 from __future__ import annotations
@@ -72,16 +76,29 @@ def _load_input(x_rows, ks, mask, K, GATED: tl.constexpr):
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, arrivals_ptr,
     M, N, K, stride_xm, stride_wn, stride_om,
+    positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_cs, stride_cache_block, stride_cache_slot, stride_cache_head, num_q_heads, num_kv_heads,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PARTIAL_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    ROPE_HALF: tl.constexpr, WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                 # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                 # [BN]
+    if ROPE_HALF > 0:
+        # Half-strip i // W of head `head`: columns j * W + i % W, then the same + ROPE_HALF.
+        W: tl.constexpr = BLOCK_N // 2
+        head = pid_n // (ROPE_HALF // W)
+        i = tl.arange(0, BLOCK_N)
+        head_col = (pid_n % (ROPE_HALF // W)) * W + i % W + (i // W) * ROPE_HALF    # [BN] column in the head
+        offs_n = head * (2 * ROPE_HALF) + head_col                                  # [BN]
+    else:
+        head = 0
+        head_col = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)             # [BN]
     offs_k = tl.arange(0, BLOCK_K)                                   # [BK]
     m_valid = offs_m < M
     n_valid = offs_n < N
@@ -131,16 +148,60 @@ def _skinny_gemm_kernel(
             for split in tl.static_range(SPLIT_K):
                 out += tl.load(partial_ptr + split * PARTIAL_ROWS * N + partial_rows, mask=store_mask,
                                other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-            tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=store_mask)
+            _epilogue(out, offs_m, offs_n, m_valid, n_valid, store_mask, safe_n, bias_ptr, out_ptr, stride_om,
+                      head, head_col, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                      stride_cs, stride_cache_block, stride_cache_slot, stride_cache_head, num_q_heads,
+                      num_kv_heads, BLOCK_N, HAS_BIAS, ROPE_HALF, WRITE_CACHE, PAGE_SIZE)
             tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
     else:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=store_mask)
+        _epilogue(out, offs_m, offs_n, m_valid, n_valid, store_mask, safe_n, bias_ptr, out_ptr, stride_om,
+                  head, head_col, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                  stride_cs, stride_cache_block, stride_cache_slot, stride_cache_head, num_q_heads,
+                  num_kv_heads, BLOCK_N, HAS_BIAS, ROPE_HALF, WRITE_CACHE, PAGE_SIZE)
+
+
+@triton.jit
+def _epilogue(out, offs_m, offs_n, m_valid, n_valid, store_mask, safe_n, bias_ptr, out_ptr, stride_om,
+              head, head_col, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+              stride_cs, stride_cache_block, stride_cache_slot, stride_cache_head, num_q_heads, num_kv_heads,
+              BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ROPE_HALF: tl.constexpr,
+              WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    # out [BM, BN] fp32: bias, then (qkv) RoPE and the cache stores, then the output tile.
+    dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
+    if ROPE_HALF > 0:
+        W: tl.constexpr = BLOCK_N // 2
+        BM: tl.constexpr = out.shape[0]
+        # Rounded to the model's dtype first, as the unfused path stores qkv before rotating it.
+        x = out.to(dtype).to(tl.float32)
+        num_rotated = num_q_heads + num_kv_heads
+        if head < num_rotated:
+            # partner: each column's rotation partner (the other half-strip), sign: -1 on the first half.
+            a, b = tl.split(tl.permute(tl.reshape(x, [BM, 2, W]), (0, 2, 1)))            # [BM, W] each
+            partner = tl.reshape(tl.permute(tl.join(b, a), (0, 2, 1)), [BM, BLOCK_N])
+            sign = tl.where(tl.arange(0, BLOCK_N) < W, -1.0, 1.0)                       # [BN]
+            pos = tl.load(positions_ptr + offs_m, mask=m_valid, other=0).to(tl.int64)   # [BM]
+            cs = cos_sin_ptr + pos[:, None] * stride_cs + head_col[None, :]             # cos row, then sin
+            cos = tl.load(cs, mask=m_valid[:, None], other=0.0).to(dtype).to(tl.float32)
+            sin = tl.load(cs + 2 * ROPE_HALF, mask=m_valid[:, None], other=0.0).to(dtype).to(tl.float32)
+            x = x * cos + (sign[None, :] * partner) * sin
+        y = x.to(dtype)
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], y, mask=store_mask)
+        if WRITE_CACHE:
+            if head >= num_q_heads:
+                slot = tl.load(slot_mapping_ptr + offs_m, mask=m_valid, other=-1).to(tl.int64)   # [BM]
+                is_k = head < num_rotated
+                kv_head = tl.where(is_k, head - num_q_heads, head - num_rotated)
+                dst = ((slot // PAGE_SIZE) * stride_cache_block + (slot % PAGE_SIZE) * stride_cache_slot
+                       + kv_head * stride_cache_head)[:, None] + head_col[None, :]           # [BM, BN]
+                cache_mask = store_mask & (slot >= 0)[:, None]  # slot -1: a padding row
+                if is_k:
+                    tl.store(k_cache_ptr + dst, y, mask=cache_mask)
+                else:
+                    tl.store(v_cache_ptr + dst, y, mask=cache_mask)
+    else:
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], out.to(dtype), mask=store_mask)
 
 
 _workspaces: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -166,6 +227,45 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x, weight and bias share one dtype; last dimensions contiguous. With `gated` the input is
     silu(gate) * up, each rounded to the dtype as SiluAndMul rounds it. No host-device sync.
     """
+    _check_inputs(x, weight, bias, config, gated)
+    num_rows, n = x.shape[0], weight.shape[0]
+    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    _launch(x, weight, bias, out, config, gated)
+    return out
+
+
+def skinny_gemm_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, config: SkinnyGemmConfig,
+                     num_q_heads: int, num_kv_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """An attention layer's qkv projection with RoPE in its epilogue: x [M, K] @ weight [N, K]^T
+    (+ bias), N = (num_q_heads + 2 * num_kv_heads) * D, returned [M, N] with the q and k heads
+    rotated (non-interleaved layout, the whole head; cos_sin_cache [P, 2, D] fp32 as
+    kernels/triton/rotary.py takes it, positions [M]). With `kv_cache` = (k_cache, v_cache,
+    slot_mapping [M]) the rotated keys and the values also land in the paged cache (slots < 0
+    skipped). Equals F.linear + qk_norm_rope_ (no q/k norm) up to fp32 rounding order.
+    Needs config.block_n // 2 to divide D // 2 (see rope_config)."""
+    from pagellm.kernels.triton.rotary import validate_kv_cache
+    _check_inputs(x, weight, bias, config, False)
+    num_rows, n = x.shape[0], weight.shape[0]
+    heads = num_q_heads + 2 * num_kv_heads
+    if num_q_heads < 1 or num_kv_heads < 1 or n % heads:
+        raise ValueError(f"weight has {n} rows: not (num_q_heads + 2 * num_kv_heads) = {heads} heads")
+    head_dim = n // heads
+    if head_dim % 2 or (head_dim // 2) % (config.block_n // 2):
+        raise ValueError(f"config.block_n // 2 ({config.block_n // 2}) must divide head_dim // 2 ({head_dim // 2})")
+    if cos_sin_cache.dim() != 3 or tuple(cos_sin_cache.shape[1:]) != (2, head_dim) or not cos_sin_cache.is_contiguous():
+        raise ValueError(f"cos_sin_cache must be a contiguous [P, 2, {head_dim}]; got {tuple(cos_sin_cache.shape)}")
+    if positions.shape != (num_rows,):
+        raise ValueError(f"positions must be [{num_rows}]; got {tuple(positions.shape)}")
+    if kv_cache is not None:
+        validate_kv_cache(kv_cache, num_rows, num_kv_heads, head_dim, x.dtype)
+    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    _launch(x, weight, bias, out, config, False, rope=(positions, cos_sin_cache, kv_cache, num_q_heads, num_kv_heads))
+    return out
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyGemmConfig,
+                  gated: bool) -> None:
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"x must be [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
     num_rows, width = x.shape
@@ -184,23 +284,49 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"config.block_m 1 takes one row of x; got {num_rows}")
     if config.split_k > 1 and num_rows > MAX_SKINNY_ROWS:
         raise ValueError(f"split_k > 1 takes at most {MAX_SKINNY_ROWS} rows of x; got {num_rows}")
-    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            config: SkinnyGemmConfig, gated: bool, rope: tuple | None = None) -> None:
+    num_rows = x.shape[0]
+    n, k = weight.shape
     if num_rows == 0:
-        return out
+        return
     partials, arrivals = _split_k_workspace(x.device, n) if config.split_k > 1 else (out, out)
+    if rope is not None:
+        positions, cos_sin_cache, kv_cache, num_q_heads, num_kv_heads = rope
+        k_cache, v_cache, slots = kv_cache if kv_cache is not None else (out, out, positions)
+        cache_strides = k_cache.stride()[:3] if kv_cache is not None else (0, 0, 0)
+        rope_args = (positions, cos_sin_cache, k_cache, v_cache, slots, cos_sin_cache.stride(0), *cache_strides,
+                     num_q_heads, num_kv_heads)
+        rope_half = n // (num_q_heads + 2 * num_kv_heads) // 2
+        page_size = k_cache.shape[1] if kv_cache is not None else 1
+    else:
+        rope_args = (out, out, out, out, out, 0, 0, 0, 0, 0, 0)
+        rope_half, page_size, kv_cache = 0, 1, None
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(num_rows, config.block_m), config.split_k)
     _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, out, partials, arrivals,
         num_rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        *rope_args,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, PARTIAL_ROWS=MAX_SKINNY_ROWS,
         EVEN_K=k % config.block_k == 0, GATED=gated, HAS_BIAS=bias is not None,
         USE_DOT=config.block_m > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=x.device.type != "cuda" and x.dtype != torch.float32,
+        ROPE_HALF=rope_half, WRITE_CACHE=kv_cache is not None, PAGE_SIZE=page_size,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return out
+
+
+def rope_config(num_rows: int, n: int, k: int, head_dim: int, device: torch.device) -> SkinnyGemmConfig | None:
+    """select_config's choice for a qkv product when skinny_gemm_rope can take it (its strips pair
+    up within a head), else None."""
+    config = select_config(num_rows, n, k, device)
+    if config is None or head_dim % 2 or (head_dim // 2) % (config.block_n // 2):
+        return None
+    return config
 
 
 def select_config(num_rows: int, n: int, k: int, device: torch.device,
