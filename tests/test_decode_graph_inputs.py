@@ -72,15 +72,23 @@ def test_pack_rejects_bad_steps(kwargs, match):
         pack_decode_inputs(host_views(LAYOUT), LAYOUT, **args)
 
 
-def make_graphs() -> DecodeGraphs:
+def make_graphs(device: str = "cpu") -> DecodeGraphs:
     return DecodeGraphs(torch.nn.Module(), max_batch=20, max_blocks_per_seq=9, max_model_len=144,
-                        device=torch.device("cpu"))
+                        device=torch.device(device))
 
 
-def test_stage_and_finish_fill_the_static_inputs():
-    graphs = make_graphs()
+# The finishing kernel runs on the CPU only through Triton's interpreter, which is on where CUDA is not.
+ON_DEVICES = pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="Triton compiles for CUDA here")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="needs CUDA")])])
+
+
+@ON_DEVICES
+def test_stage_and_finish_fill_the_static_inputs(device: str):
+    graphs = make_graphs(device)
     # The previous step's sampled tokens (any integer dtype, any stride: copied to int64 if need be).
-    previous = torch.tensor([[500, 0], [501, 0], [502, 0], [503, 0]], dtype=torch.int32)[:, 0]
+    previous = torch.tensor([[500, 0], [501, 0], [502, 0], [503, 0]], dtype=torch.int32, device=device)[:, 0]
     tables = [[3, 4, 5, 6, 7, 8, 9], [10], [11, 12], [13, 14, 15]]
     size = graphs.stage([0, 42, 0, 43], [100, 3, 20, 40], [57, 162, 193, 232], [101, 4, 21, 41], tables,
                         pending_rows=[0, 2], pending_sources=[3, 1], previous_sampled=previous)
@@ -152,8 +160,7 @@ class _EagerGraph:
         self.graphs.logits[self.size].copy_(self.graphs._run(self.size))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+@ON_DEVICES
 def test_replay_from_host_over_many_steps_without_syncs(device: str):
     # Twelve steps enqueued back to back (no host sync), some taking tokens from the step before:
     # each replay must see exactly its own inputs (on CUDA: no staging buffer was refilled too early).
