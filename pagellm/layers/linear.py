@@ -75,22 +75,6 @@ class Linear(nn.Module):
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
-                         gated: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """norm(self(x) + residual) and the sum, (normed, sum), as one skinny-GEMM launch for a
-        single decode row (x = silu(gate) * up of [gate | up] when `gated`); None where that kernel
-        does not apply (the caller runs the steps one by one)."""
-        from pagellm.layers.norm import RMSNorm
-        if (not self.use_triton or not isinstance(norm, RMSNorm) or not norm.use_triton or x.dim() != 2
-                or x.shape[0] != 1 or x.stride(-1) != 1 or not residual.is_contiguous()):
-            return None
-        from pagellm.kernels.triton.skinny_gemm import select_config, skinny_gemm_add_rms_norm
-        config = select_config(1, self.out_features, self.in_features, x.device, gated=gated)
-        if config is None:
-            return None
-        return skinny_gemm_add_rms_norm(x, self.weight, self.bias, residual, norm.weight, norm.eps, norm.offset,
-                                        config=config, gated=gated)
-
     def forward_silu_gated(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """This layer applied to silu(gate) * up of gate_up [T, 2 * in], in one kernel; None where
         the skinny kernel does not take the shape (the caller then runs the two steps)."""

@@ -216,15 +216,12 @@ class DecoderAttention(nn.Module):
     def forward(self, cos_sin: torch.Tensor | None, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """`cos_sin`: the step's rotary rows (RotaryEmbedding.cos_sin), or the positions [T] once the
         fused kernel is on (it reads this layer's rotary table itself)."""
-        return self.o_proj(self.attend(cos_sin, x, meta))
-
-    def attend(self, cos_sin: torch.Tensor | None, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """forward() without the output projection: [T, H * D]."""
         t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self._project_rotate_and_cache(x, cos_sin, meta) if self.fused_rope else None
         if qkv is not None:
             q, k, v = qkv[:, :h], qkv[:, h:h + hkv], qkv[:, h + hkv:]
-            return self.attn(q, k, v, meta, kv_written=True).reshape(t, h * self.head_dim)
+            out = self.attn(q, k, v, meta, kv_written=True)  # [T, H, D]
+            return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
         qkv = self.qkv_proj(x).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
         v = qkv[:, h + hkv:]  # [T, Hkv, D]
         kv_written = False
@@ -242,7 +239,7 @@ class DecoderAttention(nn.Module):
         else:
             q, k = qkv[:, :h], qkv[:, h:h + hkv]
         out = self.attn(q, k, v, meta, kv_written=kv_written)  # [T, H, D]
-        return out.reshape(t, self.num_heads * self.head_dim)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class GatedMLP(nn.Module):
@@ -262,16 +259,6 @@ class GatedMLP(nn.Module):
             if fused is not None:
                 return fused
         return self.down_proj(self.act(gate_up))
-
-    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor,
-                         norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """norm(forward(x) + residual) and the sum; for one decode row on the Triton path, the SiLU,
-        the down projection, the add and the norm are one launch. None (nothing run) otherwise."""
-        if x.shape[0] != 1 or not (isinstance(self.act, SiluAndMul) and self.act.use_triton):
-            return None
-        gate_up = self.gate_up_proj(x)
-        fused = self.down_proj.forward_add_norm(gate_up, residual, norm, gated=True)
-        return fused if fused is not None else norm(self.down_proj(self.act(gate_up)), residual)
 
 
 class MLP(nn.Module):
@@ -336,33 +323,6 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    @property
-    def can_fuse_norms(self) -> bool:
-        """Whether forward_fused_norms applies: a sequential pre-norm block with RMSNorms."""
-        return (not self.parallel and not self.sandwich and isinstance(self.input_layernorm, RMSNorm)
-                and isinstance(self.post_attention_layernorm, RMSNorm))
-
-    def forward_fused_norms(self, cos_sin, x, residual, meta, normed: bool, next_norm: nn.Module | None):
-        """forward() with the residual adds and RMSNorms in the epilogues of o_proj and down_proj
-        where the skinny kernel takes the step (one decode row). x arrives already normalized by
-        this block's input norm when `normed`. Returns (x, residual, normed): with normed True, x is
-        next_norm(block output + residual), which the next block (or the final norm) then skips."""
-        if not normed:
-            if residual is None:
-                residual, x = x, self.input_layernorm(x)
-            else:
-                x, residual = self.input_layernorm(x, residual)
-        attn = self.self_attn.attend(cos_sin, x, meta)
-        fused = self.self_attn.o_proj.forward_add_norm(attn, residual, self.post_attention_layernorm)
-        if fused is None:
-            fused = self.post_attention_layernorm(self.self_attn.o_proj(attn), residual)
-        x, residual = fused
-        fused = (self.mlp.forward_add_norm(x, residual, next_norm)
-                 if next_norm is not None and isinstance(self.mlp, GatedMLP) else None)
-        if fused is not None:
-            return fused[0], fused[1], True
-        return self.mlp(x), residual, False
-
 
 class DecoderModel(nn.Module):
     def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding | None,
@@ -387,7 +347,6 @@ class DecoderModel(nn.Module):
             for i in range(spec.num_layers))
         self.norm = make_norm(spec) if spec.final_norm else None
         self.fused_rope = False
-        self.fused_norms = False  # set by enable_triton
 
     def enable_triton(self) -> None:
         """Rotates q/k with the fused Triton kernel when every layer's attention allows it."""
@@ -396,8 +355,6 @@ class DecoderModel(nn.Module):
             self.fused_rope = True
             for a in attentions:
                 a.fused_rope = True
-        self.fused_norms = (all(layer.can_fuse_norms for layer in self.layers)
-                            and (self.norm is None or isinstance(self.norm, RMSNorm)))
 
     def forward(self, input_ids, positions, meta):
         x, residual = self.embed_tokens(input_ids), None  # [T, hidden]
@@ -413,16 +370,9 @@ class DecoderModel(nn.Module):
         local_cos_sin = None
         if self.local_rotary is not None and not self.fused_rope:
             local_cos_sin = self.local_rotary.cos_sin(positions, x.dtype)
-        normed = False
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             layer_cos_sin = local_cos_sin if local_cos_sin is not None and layer.sliding_window else cos_sin
-            if self.fused_norms:
-                next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-                x, residual, normed = layer.forward_fused_norms(layer_cos_sin, x, residual, meta, normed, next_norm)
-            else:
-                x, residual = layer(layer_cos_sin, x, residual, meta)
-        if normed:
-            return x  # the last block's down projection applied the final norm
+            x, residual = layer(layer_cos_sin, x, residual, meta)
         if self.norm is None:
             return x if residual is None else x + residual
         if residual is None:

@@ -78,13 +78,11 @@ def _skinny_gemm_kernel(
     M, N, K, stride_xm, stride_wn, stride_om,
     positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_cs, stride_cache_block, stride_cache_slot, stride_cache_head, num_q_heads, num_kv_heads,
-    residual_ptr, norm_weight_ptr, normed_ptr, sums_ptr, row_arrivals_ptr, eps, weight_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PARTIAL_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ROPE_HALF: tl.constexpr, WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    NORM_BLOCK: tl.constexpr, TILES_PAD: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -153,55 +151,26 @@ def _skinny_gemm_kernel(
             _epilogue(out, offs_m, offs_n, m_valid, n_valid, store_mask, safe_n, bias_ptr, out_ptr, stride_om,
                       head, head_col, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
                       stride_cs, stride_cache_block, stride_cache_slot, stride_cache_head, num_q_heads,
-                      num_kv_heads, residual_ptr, norm_weight_ptr, normed_ptr, sums_ptr, row_arrivals_ptr, eps,
-                      weight_offset, N, BLOCK_N, HAS_BIAS, ROPE_HALF, WRITE_CACHE, PAGE_SIZE, NORM_BLOCK, TILES_PAD)
+                      num_kv_heads, BLOCK_N, HAS_BIAS, ROPE_HALF, WRITE_CACHE, PAGE_SIZE)
             tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
     else:
         _epilogue(out, offs_m, offs_n, m_valid, n_valid, store_mask, safe_n, bias_ptr, out_ptr, stride_om,
                   head, head_col, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
                   stride_cs, stride_cache_block, stride_cache_slot, stride_cache_head, num_q_heads,
-                  num_kv_heads, residual_ptr, norm_weight_ptr, normed_ptr, sums_ptr, row_arrivals_ptr, eps,
-                  weight_offset, N, BLOCK_N, HAS_BIAS, ROPE_HALF, WRITE_CACHE, PAGE_SIZE, NORM_BLOCK, TILES_PAD)
+                  num_kv_heads, BLOCK_N, HAS_BIAS, ROPE_HALF, WRITE_CACHE, PAGE_SIZE)
 
 
 @triton.jit
 def _epilogue(out, offs_m, offs_n, m_valid, n_valid, store_mask, safe_n, bias_ptr, out_ptr, stride_om,
               head, head_col, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
               stride_cs, stride_cache_block, stride_cache_slot, stride_cache_head, num_q_heads, num_kv_heads,
-              residual_ptr, norm_weight_ptr, normed_ptr, sums_ptr, row_arrivals_ptr, eps, weight_offset, N,
               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ROPE_HALF: tl.constexpr,
-              WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr, NORM_BLOCK: tl.constexpr,
-              TILES_PAD: tl.constexpr):
-    # out [BM, BN] fp32: bias, then (qkv) RoPE and the cache stores, or (NORM_BLOCK) the residual add
-    # and RMSNorm, then the output tile.
+              WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    # out [BM, BN] fp32: bias, then (qkv) RoPE and the cache stores, then the output tile.
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         out += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-    if NORM_BLOCK > 0:
-        # One row (the caller checks). s = y + residual, each rounded to the dtype as the unfused
-        # add + norm rounds them, goes to out_ptr (the new residual stream); this tile's sum of
-        # squares to sums_ptr[tile]. The last tile to arrive normalizes the whole row.
-        at = offs_m[:, None] * N + offs_n[None, :]                                   # [BM, BN], row 0 real
-        s = (out.to(dtype).to(tl.float32)
-             + tl.load(residual_ptr + at, mask=store_mask, other=0.0).to(tl.float32)).to(dtype)
-        tl.store(out_ptr + at, s, mask=store_mask)
-        s = tl.where(store_mask, s.to(tl.float32), 0.0)
-        tile = tl.program_id(0)
-        tl.store(sums_ptr + tile, tl.sum(tl.sum(s * s, axis=1), axis=0))
-        tl.debug_barrier()  # every thread's stores are issued before the arrival is counted
-        arrived = tl.atomic_add(row_arrivals_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.num_programs(0) - 1:
-            tiles = tl.arange(0, TILES_PAD)
-            total = tl.sum(tl.load(sums_ptr + tiles, mask=tiles < tl.num_programs(0), other=0.0,
-                                   cache_modifier=".cg"), axis=0)
-            inv_rms = tl.rsqrt(total / N + eps)
-            cols = tl.arange(0, NORM_BLOCK)
-            col_mask = cols < N
-            row = tl.load(out_ptr + cols, mask=col_mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            w = tl.load(norm_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) + weight_offset
-            tl.store(normed_ptr + cols, (row * inv_rms * w).to(dtype), mask=col_mask)
-            tl.atomic_xchg(row_arrivals_ptr, 0, sem="relaxed", scope="gpu")
-    elif ROPE_HALF > 0:
+    if ROPE_HALF > 0:
         W: tl.constexpr = BLOCK_N // 2
         BM: tl.constexpr = out.shape[0]
         # Rounded to the model's dtype first, as the unfused path stores qkv before rotating it.
@@ -249,43 +218,6 @@ def _split_k_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torc
         _workspaces[key] = (torch.empty(16, MAX_SKINNY_ROWS, n, dtype=torch.float32, device=device),
                             torch.zeros(n, dtype=torch.int32, device=device))
     return _workspaces[key]
-
-
-_norm_workspaces: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _norm_workspace(device: torch.device, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-tile sums of squares [tiles] fp32, one arrival counter [1] int32 at zero), shared by
-    every launch with that many tiles: they run one after another on the stream, each leaving the
-    counter at zero."""
-    key = (device, tiles)
-    if key not in _norm_workspaces:
-        _norm_workspaces[key] = (torch.empty(tiles, dtype=torch.float32, device=device),
-                                 torch.zeros(1, dtype=torch.int32, device=device))
-    return _norm_workspaces[key]
-
-
-def skinny_gemm_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                             weight_offset: float = 0.0, *, config: SkinnyGemmConfig,
-                             gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row: y = x @ weight^T (+ bias) (x = silu(gate) * up with `gated`), then the residual add
-    and RMSNorm that follow it in a decoder layer, as one launch: returns (rms_norm(s) *
-    (norm_weight + weight_offset), s) with s = y + residual, each rounded to the dtype as
-    kernels/triton/rms_norm.py rounds them (the sum of squares is added in another order).
-    x [1, K], residual [1, N] (or [N]), norm_weight [N]."""
-    _check_inputs(x, weight, bias, config, gated)
-    n = weight.shape[0]
-    if x.shape[0] != 1:
-        raise ValueError(f"the fused add + RMSNorm takes one row of x; got {x.shape[0]}")
-    if residual.numel() != n or residual.dtype != x.dtype or not residual.is_contiguous():
-        raise ValueError(f"residual must be a contiguous [1, {n}] {x.dtype}; got {tuple(residual.shape)} {residual.dtype}")
-    if norm_weight.shape != (n,):
-        raise ValueError(f"norm_weight must be [{n}]; got {tuple(norm_weight.shape)}")
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)      # s, the new residual stream
-    normed = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _launch(x, weight, bias, out, config, gated, norm=(residual, norm_weight, normed, eps, weight_offset))
-    return normed, out
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -355,7 +287,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            config: SkinnyGemmConfig, gated: bool, rope: tuple | None = None, norm: tuple | None = None) -> None:
+            config: SkinnyGemmConfig, gated: bool, rope: tuple | None = None) -> None:
     num_rows = x.shape[0]
     n, k = weight.shape
     if num_rows == 0:
@@ -373,18 +305,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         rope_args = (out, out, out, out, out, 0, 0, 0, 0, 0, 0)
         rope_half, page_size, kv_cache = 0, 1, None
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(num_rows, config.block_m), config.split_k)
-    if norm is not None:
-        residual, norm_weight, normed, eps, weight_offset = norm
-        sums, row_arrivals = _norm_workspace(x.device, grid[0])
-        norm_args = (residual, norm_weight, normed, sums, row_arrivals, float(eps), float(weight_offset))
-        norm_block, tiles_pad = triton.next_power_of_2(n), triton.next_power_of_2(grid[0])
-    else:
-        norm_args = (out, out, out, out, out, 0.0, 0.0)
-        norm_block, tiles_pad = 0, 1
     _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, out, partials, arrivals,
         num_rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        *rope_args, *norm_args,
+        *rope_args,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, PARTIAL_ROWS=MAX_SKINNY_ROWS,
         EVEN_K=k % config.block_k == 0, GATED=gated, HAS_BIAS=bias is not None,
@@ -392,7 +316,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=x.device.type != "cuda" and x.dtype != torch.float32,
         ROPE_HALF=rope_half, WRITE_CACHE=kv_cache is not None, PAGE_SIZE=page_size,
-        NORM_BLOCK=norm_block, TILES_PAD=tiles_pad,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
