@@ -330,7 +330,10 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if num_kv_splits is None:
         num_kv_splits = select_num_splits(query.device, num_seqs, num_kv_heads, max_query_len, max_seq_len)
     block_q = config.block_m // group
-    decode_order = seq_order is not None and max_query_len <= 1
+    # The order matters only when the programs take more than one wave of the GPU's SMs (on the CPU,
+    # the interpreter, it is always taken, so the tests cover it).
+    decode_order = seq_order is not None and max_query_len <= 1 and (
+        query.device.type != "cuda" or num_seqs * num_kv_heads * num_kv_splits > num_sms(query.device))
     if decode_order:
         grid = (num_seqs * num_kv_heads, 1, num_kv_splits)
     else:
