@@ -248,6 +248,12 @@ def test_decode_order_is_a_schedule_only(num_splits):
     run_and_compare(step, num_kv_splits=num_splits, seq_order=scrambled, sliding_window=20)
 
 
+def test_decode_programs_map_straight_to_sequences_in_one_wave():
+    # 2 sequences x 2 KV heads fit one (interpreter) wave: program p takes sequence p // 2, no order read.
+    step = make_step([(20, 1), (5, 1)], num_heads=4, num_kv_heads=2, head_dim=64)
+    run_and_compare(step, num_kv_splits=1, seq_order=longest_first(step))
+
+
 def test_decode_order_ignored_for_prefill_steps():
     step = make_step([(0, 9), (12, 1), (5, 3)], num_heads=4, num_kv_heads=2, head_dim=64)
     run_and_compare(step, seq_order=longest_first(step))

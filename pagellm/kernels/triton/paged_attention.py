@@ -43,6 +43,7 @@ _MAX_HEAD_DIM = 256
 _MAX_SPLITS = 32
 # A split below this many keys costs more in the merge than it wins in parallelism.
 _MIN_KEYS_PER_SPLIT = 256
+_CPU_WAVE = 8
 
 
 @dataclass(frozen=True)
@@ -94,16 +95,19 @@ def _paged_attention_kernel(
     PAGE_SIZE: tl.constexpr,         # cache block size
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    DECODE_ORDER: tl.constexpr,      # one query per sequence, programs in seq_order (see module doc)
+    DECODE: tl.constexpr,            # 0: any step; one query per sequence: 1 program p -> sequence
+                                     # p // num_kv_heads, 2 the same in seq_order (see module doc)
     USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,       # Triton's CPU interpreter multiplies bf16 dot operands wrongly
 ):
     split = tl.program_id(2)
-    if DECODE_ORDER:
-        pid = tl.program_id(0)                # [seq_order rank][KV head]
+    if DECODE > 0:
+        pid = tl.program_id(0)                # [sequence (rank in seq_order)][KV head]
         kv_head = pid % num_kv_heads
-        seq = tl.load(seq_order_ptr + pid // num_kv_heads)
+        seq = pid // num_kv_heads
+        if DECODE == 2:
+            seq = tl.load(seq_order_ptr + seq)
         q_start = tl.load(query_start_loc_ptr + seq)
         q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
         q_tile = 0
@@ -298,8 +302,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         num_kv_splits: force the split-KV count (power of two); None picks one (1 except for decode
             steps with few sequences on a GPU).
         config: force tile sizes; None picks them from the shapes.
-        seq_order: optional [S] int32 permutation of the sequences, for decode-only steps
-            (max_query_len <= 1): the order programs take them in, longest first being the
+        seq_order: optional [S] int32 permutation of the sequences, only for steps where every
+            sequence has at most one query token (the caller vouches for it; max_query_len is
+            otherwise only a hint): the order programs take them in, longest first being the
             useful one (see the module doc). Results do not depend on it; ignored when
             max_query_len > 1.
 
@@ -330,11 +335,14 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if num_kv_splits is None:
         num_kv_splits = select_num_splits(query.device, num_seqs, num_kv_heads, max_query_len, max_seq_len)
     block_q = config.block_m // group
-    # The order matters only when the programs take more than one wave of the GPU's SMs (on the CPU,
-    # the interpreter, it is always taken, so the tests cover it).
-    decode_order = seq_order is not None and max_query_len <= 1 and (
-        query.device.type != "cuda" or num_seqs * num_kv_heads * num_kv_splits > num_sms(query.device))
-    if decode_order:
+    # With seq_order the caller vouches for one query per sequence: programs map straight to
+    # sequences, in that order when they take more than one wave of the GPU's SMs (in the CPU
+    # interpreter, more than _CPU_WAVE programs, so small tests cover both mappings).
+    decode = 0
+    if seq_order is not None and max_query_len <= 1:
+        wave = num_sms(query.device) if query.device.type == "cuda" else _CPU_WAVE
+        decode = 2 if num_seqs * num_kv_heads * num_kv_splits > wave else 1
+    if decode:
         grid = (num_seqs * num_kv_heads, 1, num_kv_splits)
     else:
         # Sequence s owns tiles from query_start_loc[s] // block_q + s on; this bounds the total.
@@ -352,7 +360,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _paged_attention_kernel[grid](
         out, partial_out, partial_lse,
         query, k_cache, v_cache,
-        block_tables, seq_lens, query_start_loc, seq_order if decode_order else seq_lens,
+        block_tables, seq_lens, query_start_loc, seq_order if decode else seq_lens,
         num_seqs, num_heads, num_kv_heads, float(scale),
         float(logits_soft_cap) if logits_soft_cap is not None else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
@@ -362,7 +370,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=block_size,
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
-        NUM_SPLITS=num_kv_splits, DECODE_ORDER=decode_order,
+        NUM_SPLITS=num_kv_splits, DECODE=decode,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=query.device.type != "cuda" and query.dtype == torch.bfloat16,

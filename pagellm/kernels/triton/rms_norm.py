@@ -23,6 +23,9 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x_raw = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    # Loaded before the reduction: a load after it waits for the reduction's barriers, then for
+    # memory, a second round trip in a kernel whose time is latency at decode batch sizes.
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
     x = x_raw.to(tl.float32)  # all arithmetic in fp32 (the CPU interpreter cannot add bf16)
     if HAS_RESIDUAL:
         # The sum is rounded to the stream's dtype before the norm reads it, as an unfused add would.
@@ -31,7 +34,6 @@ def _rms_norm_kernel(
         tl.store(residual_out_ptr + row * stride_ro + cols, s, mask=mask)
         x = s.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
     tl.store(out_ptr + row * stride_o + cols, (x * inv_rms * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
