@@ -218,15 +218,13 @@ class DecoderAttention(nn.Module):
         fused kernel is on (it reads this layer's rotary table itself)."""
         t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self._project_rotate_and_cache(x, cos_sin, meta) if self.fused_rope else None
-        if qkv is not None:
-            q, k, v = qkv[:, :h], qkv[:, h:h + hkv], qkv[:, h + hkv:]
-            out = self.attn(q, k, v, meta, kv_written=True)  # [T, H, D]
-            return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
-        qkv = self.qkv_proj(x).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
+        kv_written = qkv is not None  # the projection's epilogue rotated q and k and cached k and v
+        if qkv is None:
+            qkv = self.qkv_proj(x).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
+            if self.fused_rope:
+                kv_written = self._norm_rotate_and_cache(qkv, cos_sin, meta)
         v = qkv[:, h + hkv:]  # [T, Hkv, D]
-        kv_written = False
         if self.fused_rope:
-            kv_written = self._norm_rotate_and_cache(qkv, cos_sin, meta)
             q, k = qkv[:, :h], qkv[:, h:h + hkv]
         elif self.qk_norm:
             q, k = self.q_norm(qkv[:, :h]), self.k_norm(qkv[:, h:h + hkv])  # [T, H, D], [T, Hkv, D]

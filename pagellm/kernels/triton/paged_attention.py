@@ -19,10 +19,11 @@ How the work is cut:
   axis cuts each sequence's key range into NUM_SPLITS chunks; each writes a partial output and
   its log-sum-exp, and a second kernel merges them. The split count comes from host ints only, so
   a captured CUDA graph replays with the same grid.
-- Decode order (decode-only steps, optional): programs take (sequence, KV head) pairs in the order
-  of a `seq_order` tensor, longest sequence first, all KV heads of a sequence together. Programs are
-  dispatched roughly in grid order, so the long ones start first and the last wave holds the short
-  ones: with ragged contexts the step no longer waits on a few long sequences started last.
+- Decode steps (the caller passes `seq_order`, vouching for one query per sequence): programs map
+  straight to (sequence, KV head) pairs, all KV heads of a sequence together, with no search. When
+  they take more than one wave of SMs, sequences go in `seq_order`'s order, longest first: programs
+  are dispatched roughly in grid order, so the long ones start first and the last wave holds the
+  short ones, and with ragged contexts the step no longer waits on a few long sequences started last.
 """
 
 from __future__ import annotations
