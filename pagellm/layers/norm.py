@@ -6,11 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagellm.kernels.cpu import rms_norm as cpu_norm
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight. `offset=1.0` gives Gemma's (1 + weight) form.
 
-    After `enable_triton()` 2-D inputs go through one Triton kernel that also does the residual add.
+    After `enable_triton()` 2-D inputs go through one Triton kernel that also does the residual add;
+    on the CPU they go through a C kernel that does the same (kernels/cpu/rms_norm.py).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0) -> None:
@@ -34,6 +37,8 @@ class RMSNorm(nn.Module):
         if self.use_triton and x.dim() == 2:
             from pagellm.kernels.triton.rms_norm import rms_norm
             return rms_norm(x, self.weight, self.eps, self.offset, residual)
+        if x.device.type == "cpu" and not self.offset and cpu_norm.supports(x, self.weight, residual):
+            return cpu_norm.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

@@ -2,85 +2,34 @@
 
 The portable path gathers each sequence's K/V blocks into one tensor and runs SDPA: on the CPU the
 gather alone was ~40% of a long-context decode step. The C kernel reads the blocks in place, one
-(sequence, KV head) per OpenMP work item. It is compiled once per machine with the system's C
-compiler (gcc, -march=native) into the user cache; where that fails, `load()` returns None and
-the caller keeps the portable path. PAGELLM_CPU_ATTENTION_KERNEL=0 turns it off.
+(sequence, KV head) per OpenMP work item. It is compiled at first use (kernels/cpu/build.py);
+where that fails, `load()` returns None and the caller keeps the portable path.
+PAGELLM_CPU_ATTENTION_KERNEL=0 turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from pagellm.kernels.cpu.build import load_library
 
-_SOURCE = Path(__file__).with_name("paged_decode.c")
 # The kernel's compiled limits (MAX_HEAD_DIM, MAX_GROUP, MAX_BLOCK in paged_decode.c).
 MAX_HEAD_DIM, MAX_GROUP, MAX_BLOCK = 256, 16, 64
 _DTYPES = (torch.bfloat16, torch.float32)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("PAGELLM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pagellm")
-    return Path(root) / "cpu_kernels"
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: a library built for one CPU must not load on another."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return platform.machine() + flags
-
-
-def _build(target: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", str(_SOURCE), "-o", str(built), "-lm"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[:500]}")
-        os.replace(built, target)  # atomic: a concurrent process sees the old file or the whole new one
+_SIGNATURES = (("paged_decode_attention", ctypes.c_int,
+                tuple([ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [ctypes.c_int64] * 8
+                      + [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int])),)
 
 
 @functools.lru_cache(maxsize=None)
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None where it is switched off or cannot be built."""
-    if os.environ.get("PAGELLM_CPU_ATTENTION_KERNEL", "1") == "0" or platform.system() != "Linux":
-        return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + _cpu_signature().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"paged_decode-{key}.so"
-    try:
-        if not target.exists():
-            _build(target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError) as e:
-        logger.warning("CPU decode-attention kernel unavailable, using gather + SDPA: %s", e)
-        return None
-    fn = lib.paged_decode_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [ctypes.c_int64] * 8
-                   + [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int])
-    return lib
+    return load_library("paged_decode", "PAGELLM_CPU_ATTENTION_KERNEL", _SIGNATURES)
 
 
 def supports(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
