@@ -17,16 +17,28 @@ static inline float bf16_to_f32(uint16_t x) {
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch rounds */
     union { uint32_t u; float f; } v;
     v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN */
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+    uint16_t rounded = (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+    return (v.u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : rounded;  /* NaN stays NaN */
 }
 
 #define MAX_COLS 16384
+#define LANES 16
+
+/* Sum of squares in LANES independent fp32 partial sums (vectorisable without reassociation). */
+static inline float sum_squares(const float *s, int cols) {
+    float acc[LANES] = {0};
+    int c = 0;
+    for (; c + LANES <= cols; c += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += s[c + j] * s[c + j];
+    for (; c < cols; c++) acc[c % LANES] += s[c] * s[c];
+    float sum = 0.0f;
+    for (int j = 0; j < LANES; j++) sum += acc[j];
+    return sum;
+}
 
 static void row_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, uint16_t *out,
                      uint16_t *res_out, int cols, float eps) {
     float s[MAX_COLS];
-    double sum = 0.0;  /* exact enough that the order of the adds does not matter */
     if (res) {
         for (int c = 0; c < cols; c++) {
             uint16_t r = f32_to_bf16(bf16_to_f32(x[c]) + bf16_to_f32(res[c]));
@@ -36,21 +48,18 @@ static void row_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, 
     } else {
         for (int c = 0; c < cols; c++) s[c] = bf16_to_f32(x[c]);
     }
-    for (int c = 0; c < cols; c++) sum += (double)s[c] * s[c];
-    float inv = 1.0f / sqrtf((float)(sum / cols) + eps);
+    float inv = 1.0f / sqrtf(sum_squares(s, cols) / (float)cols + eps);
     for (int c = 0; c < cols; c++) out[c] = f32_to_bf16(s[c] * inv * bf16_to_f32(w[c]));
 }
 
 static void row_f32(const float *x, const float *res, const float *w, float *out, float *res_out,
                     int cols, float eps) {
-    double sum = 0.0;  /* exact enough that the order of the adds does not matter */
     const float *s = x;
     if (res) {
         for (int c = 0; c < cols; c++) res_out[c] = x[c] + res[c];
         s = res_out;
     }
-    for (int c = 0; c < cols; c++) sum += (double)s[c] * s[c];
-    float inv = 1.0f / sqrtf((float)(sum / cols) + eps);
+    float inv = 1.0f / sqrtf(sum_squares(s, cols) / (float)cols + eps);
     for (int c = 0; c < cols; c++) out[c] = s[c] * inv * w[c];
 }
 
