@@ -37,8 +37,8 @@ def test_rms_norm_module_takes_the_kernel_on_the_cpu(monkeypatch):
     norm = RMSNorm(64, eps=1e-6)
     x, residual = torch.randn(5, 64), torch.randn(5, 64)
     calls = []
-    original = cpu_norm.rms_norm
-    monkeypatch.setattr(cpu_norm, "rms_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = cpu_norm.launch
+    monkeypatch.setattr(cpu_norm, "launch", lambda *a, **k: calls.append(1) or original(*a, **k))
     out, s = norm(x, residual)
     assert calls and torch.allclose(out, F.rms_norm(x + residual, (64,), norm.weight, 1e-6), atol=1e-5)
     gemma = RMSNorm(64, offset=1.0)  # (1 + weight): the PyTorch path, which rounds the sum first

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 
 import torch
 import triton
 import triton.testing
 
+from pagellm.benchmarks.workloads import standard_workload
 from pagellm.kernels.triton.paged_attention import AttentionKernelConfig, paged_attention, select_num_splits
 
 PEAK_BYTES_PER_S = 4.24e12
@@ -48,11 +48,9 @@ def build_decode_step(batch: int, context: int | list[int], num_heads: int, num_
 
 
 def gpu_thr_contexts(step: int) -> list[int]:
-    """Context lengths of the sequences still decoding at decode step `step` of gpu-thr (its draw)."""
-    random.seed(0)
-    prompts = [len([random.randint(0, 10000) for _ in range(random.randint(100, 1024))]) for _ in range(256)]
-    max_tokens = [random.randint(100, 1024) for _ in range(256)]
-    return [p + step for p, n in zip(prompts, max_tokens) if n > step]
+    """Context lengths of the sequences still decoding at decode step `step` of gpu-thr."""
+    workload = standard_workload("gpu-thr")
+    return [len(p) + step for p, n in zip(workload.prompts, workload.max_tokens) if n > step]
 
 
 def bench_ragged(args, dtype: torch.dtype, scale: float) -> None:

@@ -10,7 +10,8 @@ import time
 from pagellm.benchmarks.workloads import Workload, fixed_lengths, per_request_draw, standard_workload
 
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: run as `python -m` this module is __main__, outside the pagellm log setup.
+logger = logging.getLogger("pagellm.benchmarks.throughput")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
             from pagellm.kernels.triton.rms_norm import rms_norm
             return rms_norm(x, self.weight, self.eps, self.offset, residual)
         if x.device.type == "cpu" and not self.offset and cpu_norm.supports(x, self.weight, residual):
-            return cpu_norm.rms_norm(x, self.weight, self.eps, residual)
+            return cpu_norm.launch(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

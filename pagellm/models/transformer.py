@@ -178,14 +178,19 @@ class DecoderAttention(nn.Module):
         return (self.rotary is not None and self.rotary.rotary_dim == self.head_dim
                 and (not self.qk_norm or isinstance(self.q_norm, RMSNorm)))
 
+    def _kv_cache_target(self, num_tokens: int, meta: AttentionMetadata) -> tuple | None:
+        """(k_cache, v_cache, slot_mapping) where a fused kernel can store this step's K/V itself
+        (one slot per token, a paged cache allocated), else None."""
+        if meta.slot_mapping.shape[0] != num_tokens or self.attn.k_cache.dim() != 4:
+            return None
+        return self.attn.k_cache, self.attn.v_cache, meta.slot_mapping
+
     def _norm_rotate_and_cache(self, qkv: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> bool:
         """The q/k norms (if any) and RoPE on qkv [T, H + 2 Hkv, D], in place, as one Triton kernel that
         also stores the step's K/V in this layer's cache when it can. Returns whether it stored them."""
         from pagellm.kernels.triton.rotary import qk_norm_rope_
         table = self.rotary.cos_sin_cache
-        cache = None
-        if meta.slot_mapping.shape[0] == qkv.shape[0] and self.attn.k_cache.dim() == 4:
-            cache = (self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
+        cache = self._kv_cache_target(qkv.shape[0], meta)
         if self.qk_norm:  # q and k norms share eps and offset (one spec)
             qk_norm_rope_(qkv, self.num_heads, self.num_kv_heads, positions, table, self.q_norm.weight,
                           self.k_norm.weight, self.q_norm.eps, self.q_norm.offset, kv_cache=cache)
@@ -201,7 +206,8 @@ class DecoderAttention(nn.Module):
         proj = self.qkv_proj
         if self.qk_norm or not proj.use_triton or x.dim() != 2 or x.stride(-1) != 1:
             return None
-        if meta.slot_mapping.shape[0] != x.shape[0] or self.attn.k_cache.dim() != 4:
+        cache = self._kv_cache_target(x.shape[0], meta)
+        if cache is None:
             return None
         from pagellm.kernels.triton.skinny_gemm import rope_config, skinny_gemm_rope
         config = rope_config(x.shape[0], proj.out_features, proj.in_features, self.head_dim, x.device)
@@ -209,8 +215,7 @@ class DecoderAttention(nn.Module):
             return None
         qkv = skinny_gemm_rope(x, proj.weight, proj.bias, config=config, num_q_heads=self.num_heads,
                                num_kv_heads=self.num_kv_heads, positions=positions,
-                               cos_sin_cache=self.rotary.cos_sin_cache,
-                               kv_cache=(self.attn.k_cache, self.attn.v_cache, meta.slot_mapping))
+                               cos_sin_cache=self.rotary.cos_sin_cache, kv_cache=cache)
         return qkv.view(x.shape[0], -1, self.head_dim)
 
     def forward(self, cos_sin: torch.Tensor | None, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Builds the CPU kernels' C sources at first use, once per machine, into the user cache.
 
 Each library is compiled with the system's C compiler (gcc, -O3 -march=native -fopenmp) under a
-name keyed by its source and the CPU's flags, so an edit or another CPU means a new build; the
+name keyed by its source, the shared headers (bf16.h) and the CPU's flags, so an edit or another CPU means a new build; the
 OpenMP runtime it links is the one PyTorch has already loaded. Where building fails, `load_library`
 returns None and the caller keeps its portable path.
 """
@@ -61,7 +61,9 @@ def load_library(source_name: str, switch: str, signatures: tuple = ()) -> ctype
     if os.environ.get(switch, "1") == "0" or platform.system() != "Linux":
         return None
     source = Path(__file__).with_name(f"{source_name}.c")
-    key = hashlib.sha256(source.read_bytes() + _cpu_signature().encode()).hexdigest()[:16]
+    # The key covers the shared headers too: editing one rebuilds every library.
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + _cpu_signature().encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source_name}-{key}.so"
     try:
         if not target.exists():

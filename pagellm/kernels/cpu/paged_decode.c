@@ -15,6 +15,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "bf16.h"
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -22,20 +24,6 @@
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16 /* query heads per KV head */
 #define MAX_BLOCK 64
-
-static inline float bf16_to_f32(uint16_t x) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)x << 16;
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    /* Round to nearest even, as PyTorch's conversion does (inputs here are finite). */
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    uint32_t rounding = 0x7FFF + ((v.u >> 16) & 1);
-    return (uint16_t)((v.u + rounding) >> 16);
-}
 
 /* e^x for x <= 0 (scores minus their running max), written so a loop of it vectorizes: x log2(e)
  * = k + f with k an integer and |f| <= 1/2, 2^f from its degree-6 Taylor polynomial (relative

@@ -8,18 +8,7 @@
 #include <math.h>
 #include <stdint.h>
 
-static inline float bf16_to_f32(uint16_t x) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)x << 16;
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch rounds */
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    uint16_t rounded = (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-    return (v.u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : rounded;  /* NaN stays NaN */
-}
+#include "bf16.h"
 
 #define MAX_COLS 16384
 #define LANES 16

@@ -46,6 +46,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     (norm(s), s). Call `supports()` first."""
     if not supports(x, weight, residual):
         raise ValueError("the CPU RMSNorm kernel does not take these inputs; check supports() first")
+    return launch(x, weight, eps, residual)
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, eps: float,
+           residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm() without its check, for a caller that has just had supports() accept the inputs."""
     rows, cols = x.shape
     out = torch.empty(rows, cols, dtype=x.dtype)
     residual_out = torch.empty(rows, cols, dtype=x.dtype) if residual is not None else None
