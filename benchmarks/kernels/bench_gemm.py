@@ -31,8 +31,13 @@ SHAPES = {
 MIN_BYTES = 512 << 20
 
 
-def candidate_configs(rows: int) -> list[SkinnyGemmConfig]:
+def candidate_configs(rows: int, wide: bool = False) -> list[SkinnyGemmConfig]:
     configs = []
+    if wide and rows <= 16:
+        # Tensor-core tiles only, over strip width, K step, pipeline depth and split-K.
+        for bn, bk, stages, split in itertools.product((16, 32, 64), (128, 256), (3, 4, 5), (1, 2, 4, 8)):
+            configs.append(SkinnyGemmConfig(16, bn, bk, 4, stages, split))
+        return configs
     if rows == 1:
         for bn, bk, w, split in itertools.product((16, 32), (256, 512), (4, 8), (1, 2, 4, 8)):
             configs.append(SkinnyGemmConfig(1, bn, bk, w, 1, split))
@@ -72,7 +77,8 @@ def graph_time_us(fn, copies: int, reps: int = 10) -> float:
     return start.elapsed_time(end) * 1000 / (reps * copies)
 
 
-def bench_shape(n: int, k: int, gated: bool, rows: int, configs: list[SkinnyGemmConfig], dtype) -> list:
+def bench_shape(n: int, k: int, gated: bool, rows: int, configs: list[SkinnyGemmConfig], dtype,
+                wide: bool = False) -> list:
     copies = max(2, -(-MIN_BYTES // (n * k * 2)))
     weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
     x = torch.randn(rows, 2 * k if gated else k, device="cuda", dtype=dtype)
@@ -84,7 +90,9 @@ def bench_shape(n: int, k: int, gated: bool, rows: int, configs: list[SkinnyGemm
         act = (F.silu(gate).to(dtype).float() * up).to(dtype)
         ref = F.linear(act, weights[0])
         results[0] = ("cublas+silu", graph_time_us(lambda i: F.linear(silu_and_mul(x), weights[i]), copies))
-    if gated:
+        act_in = silu_and_mul(x)
+        print(f"  cublas alone (SiLU done before): {graph_time_us(lambda i: F.linear(act_in, weights[i]), copies):.1f} us")
+    if gated and not wide:
         # Every program re-reads (and re-activates) all of x: only one row on the FMA path pays.
         configs = [c for c in configs if c.block_m == 1]
     for config in configs:
@@ -110,16 +118,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--top", type=int, default=3, help="configs listed per shape")
     parser.add_argument("--only", nargs="+", default=None, help="projections to time (qkv o gate_up down lm_head)")
+    parser.add_argument("--wide", action="store_true", help="sweep the tensor-core tiles more widely (also gated)")
     args = parser.parse_args()
     dtype = torch.bfloat16
     spec = SHAPES[args.model]
     summary = []
     for rows in args.rows:
-        configs = candidate_configs(rows)
+        configs = candidate_configs(rows, args.wide)
         for label, n, k, gated in spec["gemms"] + [spec["head"]]:
             if args.only and label not in args.only:
                 continue
-            results = bench_shape(n, k, gated, rows, configs, dtype)
+            results = bench_shape(n, k, gated, rows, configs, dtype, args.wide)
             base_name, base = results[0]
             ranked = sorted((r for r in results[1:] if r[1] == r[1]), key=lambda r: r[1])
             chosen = select_config(rows, n, k, torch.device("cuda"), gated=gated)

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from pagellm.kernels.triton.device_info import num_sms
 from pagellm.kernels.triton.launch_config import check_tiles
+from pagellm.kernels.triton.pdl import pdl_options, release_dependents, wait_for_inputs
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -101,7 +102,9 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,       # Triton's CPU interpreter multiplies bf16 dot operands wrongly
+    USE_PDL: tl.constexpr,           # programmatic dependent launch (kernels/triton/pdl.py)
 ):
+    wait_for_inputs(USE_PDL)
     split = tl.program_id(2)
     if DECODE > 0:
         pid = tl.program_id(0)                # [sequence (rank in seq_order)][KV head]
@@ -193,6 +196,7 @@ def _paged_attention_kernel(
         acc = tl.dot(p.to(p_dtype).to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [M, Dp]
         m_i = m_new
 
+    release_dependents(USE_PDL)
     # A row that saw no key (empty sequence, or an empty split) has l_i == 0: output zeros.
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]                                # [M, Dp]
@@ -212,9 +216,10 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(
     out_ptr, partial_out_ptr, partial_lse_ptr,
     num_heads, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # One program per (token, head): a weighted sum of the split partials by their softmax mass.
+    wait_for_inputs(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     row = token * num_heads + head
@@ -227,6 +232,7 @@ def _merge_splits_kernel(
     weight = tl.exp2(lse - lse_max)                                                  # [S], 0 if empty
     partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                       mask=d_valid[None, :], other=0.0)                              # [S, Dp]
+    release_dependents(USE_PDL)
     # Empty splits' partials may be unwritten memory; never let them reach the sum.
     partial = tl.where(weight[:, None] > 0.0, partial, 0.0)
     total = tl.sum(weight, axis=0)
@@ -375,13 +381,13 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=query.device.type != "cuda" and query.dtype == torch.bfloat16,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(query.device),
     )
     if num_kv_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, partial_out, partial_lse, num_heads, out.stride(0), out.stride(1),
             NUM_SPLITS=num_kv_splits, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            num_warps=1 if head_dim_pad <= 128 else 2,
+            num_warps=1 if head_dim_pad <= 128 else 2, **pdl_options(query.device),
         )
     return out
 

@@ -10,26 +10,32 @@ import torch
 import triton
 import triton.language as tl
 
+from pagellm.kernels.triton.pdl import pdl_options, release_dependents, wait_for_inputs
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x, stride_r, stride_o, stride_ro,
     n_cols, eps, weight_offset,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # One program per row.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x_raw = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    # Loaded before the reduction: a load after it waits for the reduction's barriers, then for
-    # memory, a second round trip in a kernel whose time is latency at decode batch sizes.
+    # The weight first: no kernel writes it, so under PDL it loads while the one before finishes;
+    # and a load after the reduction would wait for its barriers, then for memory, a second round
+    # trip in a kernel whose time is latency at decode batch sizes.
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
+    wait_for_inputs(USE_PDL)
+    x_raw = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     x = x_raw.to(tl.float32)  # all arithmetic in fp32 (the CPU interpreter cannot add bf16)
     if HAS_RESIDUAL:
-        # The sum is rounded to the stream's dtype before the norm reads it, as an unfused add would.
         r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    release_dependents(USE_PDL)
+    if HAS_RESIDUAL:
+        # The sum is rounded to the stream's dtype before the norm reads it, as an unfused add would.
         s = (x + r).to(x_raw.dtype)
         tl.store(residual_out_ptr + row * stride_ro + cols, s, mask=mask)
         x = s.to(tl.float32)
@@ -67,6 +73,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
             n_cols, float(eps), float(weight_offset),
             HAS_RESIDUAL=residual is not None, BLOCK=block,
             # H200, one row of 4096 with the residual: 1.71 us at 8 warps, 1.83 at 16; 256 rows 2.56 vs 2.61.
-            num_warps=min(8, max(1, block // 256)),
+            num_warps=min(8, max(1, block // 256)), **pdl_options(x.device),
         )
     return (out, residual_out) if residual is not None else out

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from pagellm.kernels.triton.launch_config import check_tiles
+from pagellm.kernels.triton.pdl import pdl_options, release_dependents, wait_for_inputs
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest batch the skinny kernel takes; above it cuBLAS's large tiles win.
@@ -82,8 +83,9 @@ def _skinny_gemm_kernel(
     PARTIAL_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    ROPE_HALF: tl.constexpr, WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    ROPE_HALF: tl.constexpr, WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_inputs(USE_PDL)  # x, and every buffer written below, belong to earlier kernels
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -130,6 +132,7 @@ def _skinny_gemm_kernel(
             acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)         # [BM, BN]
         else:
             acc += w.to(tl.float32) * a.to(tl.float32)                                # [BN, BK]
+    release_dependents(USE_PDL)  # only the epilogue is left
     if USE_DOT:
         out = acc
     else:
@@ -316,7 +319,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=x.device.type != "cuda" and x.dtype != torch.float32,
         ROPE_HALF=rope_half, WRITE_CACHE=kv_cache is not None, PAGE_SIZE=page_size,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
     )
 
 
