@@ -375,3 +375,25 @@ def test_cuda_no_host_sync_and_seed_matches_batch_changes() -> None:
     assert out.sampled_token_ids[1].item() == processed_logits[1].argmax().item()
     alone = Sampler()(logits[:1], build(params[:1], vocab, [[1, 2, 3]], [[4, 5]], [make_generator(3, "cuda")], [{0}], device="cuda"))
     assert alone.sampled_token_ids[0].item() == out.sampled_token_ids[0].item()
+
+
+# -- copies on a side stream (CUDA) ------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_values_copied_on_a_side_stream_match_and_tokens_read_back() -> None:
+    from pagellm.worker.model_runner import PendingStep, StepResult
+    params = [SamplingParams(temperature=0.7, top_p=0.9, logit_bias={3: 1.5}),
+              SamplingParams(temperature=0.0, top_k=5, min_p=0.1)]
+    copy_stream = torch.cuda.Stream()
+    plain = SamplingBatch.build(params, [[1], [2]], [[], []], [None, None], [set(), set()], 16, "cuda")
+    side = SamplingBatch.build(params, [[1], [2]], [[], []], [None, None], [set(), set()], 16, "cuda",
+                               copy_stream=copy_stream)
+    for name in ("temperature", "top_p", "top_k", "min_p", "bias_rows", "bias_tokens", "bias_values"):
+        a, b = getattr(side, name), getattr(plain, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    assert side.temperature is not None and side.bias_rows is not None
+    tokens = torch.arange(40, 44, device="cuda")
+    step = PendingStep(["a", "b", "c", "d"], tokens * 2, StepResult({}, {}, {}), copy_stream)
+    assert step.resolve().sampled == {"a": 80, "b": 82, "c": 84, "d": 86}

@@ -7,6 +7,7 @@ positions, slot_mapping and block tables, and returns the sampled tokens and log
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -46,7 +47,10 @@ class PendingStep:
     Steps that need logprobs are resolved at launch.
     """
 
-    def __init__(self, request_ids: list[str], sampled: torch.Tensor | None, result: StepResult) -> None:
+    def __init__(self, request_ids: list[str], sampled: torch.Tensor | None, result: StepResult,
+                 copy_stream: torch.cuda.Stream | None = None) -> None:
+        """`copy_stream`: where the tokens' device-to-host copy runs (it waits for the current
+        stream first), so the compute stream goes on to the next step without a copy in between."""
         self.request_ids = request_ids
         self.scheduled: list[ScheduledRequest] = []  # set by the engine after launch
         self.sampled = sampled  # [S] int64 on the device, rows in request_ids order
@@ -55,9 +59,16 @@ class PendingStep:
         self._ready: torch.cuda.Event | None = None
         if sampled is not None and sampled.is_cuda:
             self._host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-            self._host.copy_(sampled, non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            if copy_stream is None:
+                self._host.copy_(sampled, non_blocking=True)
+                self._ready.record()
+            else:
+                copy_stream.wait_stream(torch.cuda.current_stream(sampled.device))
+                with torch.cuda.stream(copy_stream):
+                    self._host.copy_(sampled, non_blocking=True)
+                    self._ready.record(copy_stream)
+                sampled.record_stream(copy_stream)
 
     def resolve(self) -> StepResult:
         if self.sampled is not None:
@@ -92,6 +103,10 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.backend = get_attention_backend(attention_backend, device)
         self.sampler = Sampler()
+        # Small host<->device copies of each step (sampling values in, sampled tokens out) run here,
+        # beside the compute stream, which then never switches between kernels and copies for them.
+        self.copy_stream = (torch.cuda.Stream(device) if device.type == "cuda"
+                            and os.environ.get("PAGELLM_COPY_STREAM", "1") != "0" else None)
         self.generators: dict[str, torch.Generator] = {}
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -306,7 +321,7 @@ class ModelRunner:
         sampled = self._sample(logits, sampling, result) if sampling else None
         for item, first, count in prompt_lp:
             self._prompt_logprobs(hidden[first:first + count], item, result)
-        return PendingStep([s.request.request_id for s in sampling], sampled, result)
+        return PendingStep([s.request.request_id for s in sampling], sampled, result, self.copy_stream)
 
     def capture_cuda_graphs(self) -> None:
         """Captures decode graphs when the device and backend allow it and enforce_eager is off."""
@@ -339,7 +354,7 @@ class ModelRunner:
             output_token_ids=[r.output_token_ids for r in reqs],
             generators=[self._generator(s) for s in sampling],
             stop_ids_for_min_tokens=[self._min_tokens_stop_ids(r) for r in reqs],
-            vocab_size=logits.shape[-1], device=self.device)
+            vocab_size=logits.shape[-1], device=self.device, copy_stream=self.copy_stream)
         out = self.sampler(logits, batch)
         if out.sampled_logprobs is not None:
             lp = out.sampled_logprobs.tolist()
