@@ -166,8 +166,11 @@ class SamplingBatch:
         top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
         min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
 
+        def to_device(values: list, dtype: torch.dtype) -> Tensor:
+            return _to_device(values, dtype, device, copy_stream)
+
         def optional(values: list, neutral: float | int, dtype: torch.dtype) -> Tensor | None:
-            return None if all(v == neutral for v in values) else _to_device(values, dtype, device, copy_stream)
+            return None if all(v == neutral for v in values) else to_device(values, dtype)
 
         rep = [p.repetition_penalty for p in params]
         freq = [p.frequency_penalty for p in params]
@@ -206,9 +209,6 @@ class SamplingBatch:
                     mask_tokens.append(token)
 
         requested = [p.logprobs for p in params if p.logprobs is not None]
-
-        def to_device(values: list, dtype: torch.dtype) -> Tensor:
-            return _to_device(values, dtype, device, copy_stream)
 
         batch = cls(
             temperature=to_device(temperature, torch.float32),
