@@ -10,7 +10,6 @@ PAGELLM_CPU_ATTENTION_KERNEL=0 turns it off.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
@@ -26,9 +25,9 @@ _SIGNATURES = (("paged_decode_attention", ctypes.c_int,
                       + [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int])),)
 
 
-@functools.lru_cache(maxsize=None)
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it is switched off or cannot be built."""
+    """The compiled kernel library (built and loaded once: load_library caches it), or None where
+    it is switched off or cannot be built."""
     return load_library("paged_decode", "PAGELLM_CPU_ATTENTION_KERNEL", _SIGNATURES)
 
 

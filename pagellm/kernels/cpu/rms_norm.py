@@ -10,7 +10,6 @@ rounded once). Built at first use (kernels/cpu/build.py); PAGELLM_CPU_NORM_KERNE
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
@@ -24,9 +23,9 @@ _SIGNATURES = (("rms_norm", ctypes.c_int,
                 tuple([ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int])),)
 
 
-@functools.lru_cache(maxsize=None)
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it is switched off or cannot be built."""
+    """The compiled kernel library (built and loaded once: load_library caches it), or None where
+    it is switched off or cannot be built."""
     return load_library("rms_norm", "PAGELLM_CPU_NORM_KERNEL", _SIGNATURES)
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 import triton
@@ -38,12 +40,18 @@ def _supported(device_index: int) -> bool:
             and hasattr(cuda_extra, "gdc_wait") and hasattr(cuda_extra, "gdc_launch_dependents"))
 
 
-def pdl_options(device: torch.device) -> dict:
+_ON = MappingProxyType({"USE_PDL": True, "launch_pdl": True})
+_OFF = MappingProxyType({"USE_PDL": False})
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_options(device: torch.device) -> Mapping:
     """Keyword arguments for a launch of a kernel with a USE_PDL parameter: PDL on where the device
-    (CUDA, compute capability >= 9) and Triton support it."""
+    (CUDA, compute capability >= 9) and Triton support it. Decided once per device: every launch
+    of the step's kernels asks."""
     on = device.type == "cuda" and _supported(device.index if device.index is not None
                                               else torch.cuda.current_device())
-    return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
+    return _ON if on else _OFF
 
 
 @triton.jit
