@@ -81,6 +81,53 @@ def _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _tile_pages(block_table_row, start, kv_end, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    # [N] cache block of each key in [start, start + BLOCK_N): a per-key lookup works for any
+    # block_size, and table entries past kv_end are never read.
+    offs_n = start + tl.arange(0, BLOCK_N)
+    return tl.load(block_table_row + offs_n // PAGE_SIZE, mask=offs_n < kv_end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _attend_tile(q, k_cache_ptr, v_cache_ptr, pages, start, kv_end, kv_head, q_pos, offs_d, d_valid,
+                 m_i, l_i, acc, scale, soft_cap, sliding_window,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    # One online-softmax step over the keys [start, start + BLOCK_N) ∩ [.., kv_end), pages from _tile_pages.
+    offs_n = start + tl.arange(0, BLOCK_N)                                       # [N] key positions
+    n_valid = offs_n < kv_end
+    in_page = offs_n % PAGE_SIZE
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_cache_ptr + pages[:, None] * stride_kb + in_page[:, None] * stride_ks
+                + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)       # [N, Dp]
+    v = tl.load(v_cache_ptr + pages[:, None] * stride_vb + in_page[:, None] * stride_vs
+                + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)       # [N, Dp]
+    p_dtype = v_cache_ptr.dtype.element_ty  # P is rounded to the cache dtype for P @ V, as on the GPU
+    if DOT_IN_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale                 # [M, N]
+    if USE_SOFT_CAP:
+        # cap * tanh(s / cap), with tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf.
+        s = soft_cap * (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634 / soft_cap)) + 1.0))
+    s = s * 1.4426950408889634  # log2(e): exp2 is the native instruction
+    visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        visible = visible & (offs_n[None, :] > q_pos[:, None] - sliding_window)
+    s = tl.where(visible, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))                                       # [M]
+    alpha = tl.exp2(m_i - m_new)                                                     # [M]
+    p = tl.exp2(s - m_new[:, None])                                                  # [M, N]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(p_dtype).to(v.dtype), v, acc, input_precision=DOT_PRECISION)      # [M, Dp]
+    return m_new, l_i, acc
+
+
 # Step-varying ints are not specialized: Triton would otherwise compile a new variant the first
 # time a step has, say, a multiple of 16 sequences (half a second in the middle of a run).
 @triton.jit(do_not_specialize=["num_seqs"])
@@ -104,7 +151,9 @@ def _paged_attention_kernel(
     DOT_IN_FP32: tl.constexpr,       # Triton's CPU interpreter multiplies bf16 dot operands wrongly
     USE_PDL: tl.constexpr,           # programmatic dependent launch (kernels/triton/pdl.py)
 ):
-    wait_for_inputs(USE_PDL)
+    # The step's metadata (sequence bounds, block tables) is written before the step's first layer,
+    # never by the kernel just before this one: it loads before the PDL wait, while that kernel
+    # finishes. The query and this step's K/V come from that kernel, so they load after the wait.
     split = tl.program_id(2)
     if DECODE > 0:
         pid = tl.program_id(0)                # [sequence (rank in seq_order)][KV head]
@@ -122,10 +171,28 @@ def _paged_attention_kernel(
         q_start = tl.load(query_start_loc_ptr + seq)
         q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
         q_tile = tile - (q_start // BLOCK_Q + seq)  # this program's query tile within the sequence
-    if q_tile * BLOCK_Q >= q_len:
-        return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len  # keys cached before this step's tokens
+
+    # Keys this tile can see: up to its last query's position; with a window, from the first
+    # query's window start (rounded down to a tile so loads start on block_n boundaries).
+    last_q = tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
+    kv_end = context_len + last_q + 1
+    kv_start = context_len * 0
+    if USE_WINDOW:
+        kv_start = tl.maximum(context_len + q_tile * BLOCK_Q - sliding_window + 1, 0)
+        kv_start = (kv_start // BLOCK_N) * BLOCK_N
+    if NUM_SPLITS > 1:
+        num_kv_tiles = tl.cdiv(kv_end - kv_start, BLOCK_N)
+        tiles_per_split = tl.cdiv(num_kv_tiles, NUM_SPLITS)
+        kv_start = kv_start + split * tiles_per_split * BLOCK_N
+        kv_end = tl.minimum(kv_end, kv_start + tiles_per_split * BLOCK_N)
+    block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # The first tile's pages too: a decode split is often a single tile.
+    first_pages = _tile_pages(block_table_row, kv_start, kv_end, BLOCK_N, PAGE_SIZE)
+    wait_for_inputs(USE_PDL)
+    if q_tile * BLOCK_Q >= q_len:
+        return
 
     # Row m of the tile is query token q_idx (within the sequence) read by query head `head`.
     offs_m = tl.arange(0, BLOCK_M)
@@ -142,59 +209,23 @@ def _paged_attention_kernel(
     if DOT_IN_FP32:
         q = q.to(tl.float32)
 
-    # Keys this tile can see: up to its last query's position; with a window, from the first
-    # query's window start (rounded down to a tile so loads start on block_n boundaries).
-    last_q = tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
-    kv_end = context_len + last_q + 1
-    kv_start = context_len * 0
-    if USE_WINDOW:
-        kv_start = tl.maximum(context_len + q_tile * BLOCK_Q - sliding_window + 1, 0)
-        kv_start = (kv_start // BLOCK_N) * BLOCK_N
-    if NUM_SPLITS > 1:
-        num_kv_tiles = tl.cdiv(kv_end - kv_start, BLOCK_N)
-        tiles_per_split = tl.cdiv(num_kv_tiles, NUM_SPLITS)
-        kv_start = kv_start + split * tiles_per_split * BLOCK_N
-        kv_end = tl.minimum(kv_end, kv_start + tiles_per_split * BLOCK_N)
-
     # Online softmax in base 2, fp32. A finite floor for the running max keeps rows that have seen
     # no key yet free of inf - inf.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    p_dtype = v_cache_ptr.dtype.element_ty  # P is rounded to the cache dtype for P @ V, as on the GPU
-    for start in range(kv_start, kv_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)                                   # [N] key positions
-        n_valid = offs_n < kv_end
-        # Per-key page lookup: works for any block_size, and unused table entries are never read.
-        block_ids = tl.load(block_table_row + offs_n // PAGE_SIZE, mask=n_valid, other=0).to(tl.int64)
-        in_page = offs_n % PAGE_SIZE
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_cache_ptr + block_ids[:, None] * stride_kb + in_page[:, None] * stride_ks
-                    + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)   # [N, Dp]
-        v = tl.load(v_cache_ptr + block_ids[:, None] * stride_vb + in_page[:, None] * stride_vs
-                    + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)   # [N, Dp]
-        if DOT_IN_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale             # [M, N]
-        if USE_SOFT_CAP:
-            # cap * tanh(s / cap), with tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits at +-inf.
-            s = soft_cap * (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634 / soft_cap)) + 1.0))
-        s = s * 1.4426950408889634  # log2(e): exp2 is the native instruction
-        visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            visible = visible & (offs_n[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))                                   # [M]
-        alpha = tl.exp2(m_i - m_new)                                                 # [M]
-        p = tl.exp2(s - m_new[:, None])                                              # [M, N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(p_dtype).to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [M, Dp]
-        m_i = m_new
+    # The first tile outside the loop, on the pages loaded before the wait. An empty range (an
+    # empty split) leaves the state as it was: every key is masked.
+    m_i, l_i, acc = _attend_tile(
+        q, k_cache_ptr, v_cache_ptr, first_pages, kv_start, kv_end, kv_head, q_pos, offs_d, d_valid,
+        m_i, l_i, acc, scale, soft_cap, sliding_window, stride_kb, stride_ks, stride_kh, stride_vb,
+        stride_vs, stride_vh, BLOCK_N, PAGE_SIZE, USE_WINDOW, USE_SOFT_CAP, DOT_PRECISION, DOT_IN_FP32)
+    for start in range(kv_start + BLOCK_N, kv_end, BLOCK_N):
+        pages = _tile_pages(block_table_row, start, kv_end, BLOCK_N, PAGE_SIZE)
+        m_i, l_i, acc = _attend_tile(
+            q, k_cache_ptr, v_cache_ptr, pages, start, kv_end, kv_head, q_pos, offs_d, d_valid,
+            m_i, l_i, acc, scale, soft_cap, sliding_window, stride_kb, stride_ks, stride_kh, stride_vb,
+            stride_vs, stride_vh, BLOCK_N, PAGE_SIZE, USE_WINDOW, USE_SOFT_CAP, DOT_PRECISION, DOT_IN_FP32)
 
     release_dependents(USE_PDL)
     # A row that saw no key (empty sequence, or an empty split) has l_i == 0: output zeros.

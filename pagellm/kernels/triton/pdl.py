@@ -7,9 +7,12 @@ decode step of an 8B model. On Hopper a kernel launched with PDL has its program
 every program of the kernel before it has called `release_dependents` (or exited); they then wait
 in `wait_for_inputs` until that kernel has completed and its writes are visible.
 
-Every kernel here calls `wait_for_inputs` first, before it reads or writes any memory, and calls
-`release_dependents` once its main loop is done, so only its epilogue overlaps the next kernel's
-start. Kernels that do not take part (cuBLAS, PyTorch ops) order the stream as usual; the wait is a
+Every kernel here calls `wait_for_inputs` before it reads what the kernel before it may have
+written, and before it writes anything; it calls `release_dependents` once its main loop is done,
+so only its epilogue overlaps the next kernel's start. Reads of what no kernel of the step writes
+(RMSNorm's weight) or what was written before the kernel before it started (attention's block
+tables and sequence bounds) may come first: a kernel's programs are only scheduled once every
+program of the kernel before it has passed its own wait, so everything earlier has completed. Kernels that do not take part (cuBLAS, PyTorch ops) order the stream as usual; the wait is a
 no-op in a kernel launched without PDL. PAGELLM_PDL=0 turns it off.
 """
 
