@@ -46,3 +46,22 @@ def test_async_steps_under_preemption(tiny_llama_dir: Path, monkeypatch: pytest.
     fast, engine = _run(tiny_llama_dir, monkeypatch, "force", params, **small)
     assert engine.num_preemptions > 0
     assert [o.token_ids for o in fast] == [o.token_ids for o in sync]
+
+
+def test_padded_logit_rows_change_nothing(tiny_llama_dir: Path) -> None:
+    # On CUDA an eager step's LM-head rows are padded to a decode-graph size (ModelRunner._padded_rows);
+    # forced here on the CPU, with chunked prefill mixing decodes in, results must not move.
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    results = []
+    for pad in (False, True):
+        llm = LLM(str(tiny_llama_dir), dtype="float32", max_num_batched_tokens=40)
+        llm.llm_engine.runner.pad_logit_rows = pad
+        assert llm.llm_engine.runner._padded_rows([4, 9, 2]) == ([4, 9, 2, 2] if pad else [4, 9, 2])
+        outs = llm.generate(_prompts(7), params, use_tqdm=False)
+        results.append([(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in step.items()}
+                                                   for step in o.outputs[0].logprobs]) for o in outs])
+    for (ids, lps), (padded_ids, padded_lps) in zip(*results):
+        assert padded_ids == ids
+        for step, padded_step in zip(lps, padded_lps):
+            assert padded_step.keys() == step.keys()
+            assert all(abs(padded_step[t] - step[t]) < 1e-4 for t in step)  # GEMM blocking may vary with rows

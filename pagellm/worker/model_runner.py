@@ -19,7 +19,7 @@ from pagellm.core.scheduler import ScheduledRequest, SchedulerOutput
 from pagellm.layers.attention import AttentionMetadata, get_attention_backend
 from pagellm.layers.attention.layer import PagedAttention
 from pagellm.layers.sampler import Sampler, SamplingBatch, gather_logprobs
-from pagellm.worker.cuda_graphs import DecodeGraphs
+from pagellm.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from pagellm.worker.host_memory import keep_freed_memory
 from pagellm.worker.staging import StagingBuffers
 
@@ -109,6 +109,7 @@ class ModelRunner:
                             and os.environ.get("PAGELLM_COPY_STREAM", "1") != "0" else None)
         self.generators: dict[str, torch.Generator] = {}
         self.max_num_seqs = max_num_seqs
+        self.pad_logit_rows = device.type == "cuda"  # see _padded_rows
         self.max_num_batched_tokens = max_num_batched_tokens
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         for layer in self.attn_layers:
@@ -313,8 +314,8 @@ class ModelRunner:
             hidden = self.model(ids_t, pos_t, meta)  # [T, hidden]
             logits = None
             if sampling:
-                rows = self._to_device(logits_rows, torch.int64, "rows")
-                logits = self.model.compute_logits(hidden[rows])  # [S, V], the model's dtype
+                rows = self._to_device(self._padded_rows(logits_rows), torch.int64, "rows")
+                logits = self.model.compute_logits(hidden[rows])[:len(logits_rows)]  # [S, V], the model's dtype
 
         self.staging.end_step()
         result = StepResult(sampled={}, logprobs={}, prompt_logprobs={})
@@ -322,6 +323,18 @@ class ModelRunner:
         for item, first, count in prompt_lp:
             self._prompt_logprobs(hidden[first:first + count], item, result)
         return PendingStep([s.request.request_id for s in sampling], sampled, result, self.copy_stream)
+
+    def _padded_rows(self, rows: list[int]) -> list[int]:
+        """`rows`, repeated at the end up to the next decode-graph batch size when pad_logit_rows.
+
+        On CUDA every new row count of an eager step's LM-head product can make cuBLAS pick a kernel
+        it has not loaded yet: 4-19 ms of host time in the launch, with the GPU idle behind it, in
+        each prefill step of the H200 gpu-thr profile. The graph sizes' kernels were loaded at capture.
+        """
+        if not self.pad_logit_rows:
+            return rows
+        size = next((s for s in capture_sizes(self.max_num_seqs) if s >= len(rows)), len(rows))
+        return rows + rows[-1:] * (size - len(rows))
 
     def capture_cuda_graphs(self) -> None:
         """Captures decode graphs when the device and backend allow it and enforce_eager is off."""
