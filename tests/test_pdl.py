@@ -4,11 +4,16 @@ PDL kernels inside a CUDA graph reads each predecessor's finished output."""
 import pytest
 import torch
 
-from pagellm.kernels.triton.pdl import pdl_options
+from pagellm.kernels.triton.pdl import PDL_MAX_ROWS, pdl_options
 
 
 def test_pdl_is_off_without_cuda():
-    assert pdl_options(torch.device("cpu")) == {"USE_PDL": False}
+    assert pdl_options(torch.device("cpu"), 1) == {"USE_PDL": False}
+
+
+def test_pdl_is_off_above_decode_sized_launches():
+    # Decided from the row count alone: no CUDA needed.
+    assert pdl_options(torch.device("cuda"), PDL_MAX_ROWS + 1) == {"USE_PDL": False}
 
 
 @pytest.mark.gpu

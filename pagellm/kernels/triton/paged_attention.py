@@ -412,13 +412,13 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=query.device.type != "cuda" and query.dtype == torch.bfloat16,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(query.device),
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(query.device, num_tokens),
     )
     if num_kv_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, partial_out, partial_lse, num_heads, out.stride(0), out.stride(1),
             NUM_SPLITS=num_kv_splits, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            num_warps=1 if head_dim_pad <= 128 else 2, **pdl_options(query.device),
+            num_warps=1 if head_dim_pad <= 128 else 2, **pdl_options(query.device, num_tokens),
         )
     return out
 

@@ -319,7 +319,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=x.device.type != "cuda" and x.dtype != torch.float32,
         ROPE_HALF=rope_half, WRITE_CACHE=kv_cache is not None, PAGE_SIZE=page_size,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device),
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device, num_rows),
     )
 
 
