@@ -20,23 +20,49 @@ def _prompts(n: int) -> list[dict]:
 def _run(folder: Path, monkeypatch: pytest.MonkeyPatch, mode: str, params, **kwargs):
     monkeypatch.setenv("PAGELLM_ASYNC_STEPS", mode)
     llm = LLM(str(folder), dtype="float32", **kwargs)
-    assert llm.llm_engine.async_steps == (mode == "force")
-    outs = llm.generate(_prompts(12), params, use_tqdm=False)
     engine = llm.llm_engine
+    assert engine.async_steps == (mode == "force")
+    launch = engine.runner.launch
+    overlapped = []  # steps launched while the one before was still unread
+
+    def counting_launch(sched, previous=None):
+        overlapped.append(previous is not None and previous.sampled is not None)
+        return launch(sched, previous)
+
+    monkeypatch.setattr(engine.runner, "launch", counting_launch)
+    outs = llm.generate(_prompts(12), params, use_tqdm=False)
     assert engine.kv_cache.num_used_blocks == 0 and not engine.has_unfinished_requests()
+    assert any(overlapped) == (mode == "force")
     return [o.outputs[0] for o in outs], engine
+
+
+def _logprobs(output) -> list[dict[int, tuple[float, int]]]:
+    return [{t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in output.logprobs or []]
 
 
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
     SamplingParams(temperature=0.8, top_k=20, seed=7, max_tokens=24, ignore_eos=True),
     SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[5, 17, 300, 4000]),
+    # Penalties read the token the previous step sampled from the device; min_tokens counts it. The
+    # biases make the outcome hinge on that token: a few favoured ids take turns under the
+    # penalties, and the stop id comes the first step min_tokens allows it.
+    SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, repetition_penalty=1.5,
+                   frequency_penalty=1.0, presence_penalty=0.4, logit_bias={5: 6.0, 17: 6.0, 300: 6.0}),
+    SamplingParams(temperature=0.9, seed=3, max_tokens=24, frequency_penalty=1.0, min_tokens=12,
+                   stop_token_ids=[17], logit_bias={17: 30.0}),
+    # Logprobs are read back with the tokens, one step later.
+    SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3),
+    SamplingParams(temperature=0.7, seed=11, max_tokens=16, ignore_eos=True, logprobs=0, presence_penalty=1.2),
 ])
 def test_async_steps_equal_sync(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, params) -> None:
     sync, _ = _run(tiny_llama_dir, monkeypatch, "0", params)
     fast, _ = _run(tiny_llama_dir, monkeypatch, "force", params)
     assert [o.token_ids for o in fast] == [o.token_ids for o in sync]
     assert [o.finish_reason for o in fast] == [o.finish_reason for o in sync]
+    assert [_logprobs(o) for o in fast] == [_logprobs(o) for o in sync]
+    if params.min_tokens:
+        assert all(len(o.token_ids) >= params.min_tokens for o in fast)
 
 
 def test_async_steps_under_preemption(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

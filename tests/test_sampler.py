@@ -397,3 +397,50 @@ def test_values_copied_on_a_side_stream_match_and_tokens_read_back() -> None:
     tokens = torch.arange(40, 44, device="cuda")
     step = PendingStep(["a", "b", "c", "d"], tokens * 2, StepResult({}, {}, {}), copy_stream)
     assert step.resolve().sampled == {"a": 80, "b": 82, "c": 84, "d": 86}
+
+
+# -- tokens the previous step sampled, not yet read by the host (asynchronous steps) ----------
+
+
+def test_pending_tokens_count_as_read_ones() -> None:
+    # Row 0 penalises its history, row 1 is one token short of min_tokens until its pending one counts.
+    params = [SamplingParams(frequency_penalty=1.0, presence_penalty=0.5),
+              SamplingParams(min_tokens=2, stop_token_ids=[7])]
+    common = dict(params=params, prompt_token_ids=[[1], [2]], generators=[None, None],
+                  stop_ids_for_min_tokens=[set(), {7}], vocab_size=16, device="cpu")
+    pending = SamplingBatch.build(output_token_ids=[[4], [5]], pending_rows=[0, 1],
+                                  pending_tokens=torch.tensor([4, 9]), **common)
+    read = SamplingBatch.build(output_token_ids=[[4, 4], [5, 9]], **common)
+    assert torch.equal(pending.output_token_counts, read.output_token_counts)
+    assert pending.output_token_counts[0, 4] == 2
+    assert pending.min_tokens_rows is None and read.min_tokens_rows is None
+
+
+def test_pending_rows_rejected_when_inconsistent() -> None:
+    common = dict(params=[SamplingParams(frequency_penalty=1.0)], prompt_token_ids=[[1]], output_token_ids=[[2]],
+                  generators=[None], stop_ids_for_min_tokens=[set()], vocab_size=16, device="cpu")
+    with pytest.raises(ValueError, match="pending_rows"):
+        SamplingBatch.build(pending_rows=[1], pending_tokens=torch.tensor([3]), **common)
+    with pytest.raises(ValueError, match="pending_tokens must be"):
+        SamplingBatch.build(pending_rows=[0], pending_tokens=torch.tensor([3, 4]), **common)
+    with pytest.raises(ValueError, match="pending_tokens are needed"):
+        SamplingBatch.build(pending_rows=[0], **common)
+
+
+def test_pending_step_reads_logprobs_with_the_tokens() -> None:
+    from pagellm.worker.model_runner import PendingStep, StepResult
+    logits = torch.randn(3, 16)
+    params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, logprobs=0)]
+    batch = SamplingBatch.build(params, [[1]] * 3, [[]] * 3, [None] * 3, [set()] * 3, 16, "cpu")
+    out = Sampler()(logits, batch)
+    step = PendingStep(["a", "b", "c"], out.sampled_token_ids, StepResult({}, {}, {}),
+                       logprobs=([p.logprobs for p in params], out))
+    result = step.resolve()
+    best = logits.argmax(-1).tolist()
+    assert result.sampled == {"a": best[0], "b": best[1], "c": best[2]}
+    assert set(result.logprobs) == {"a", "c"}
+    logprob, rank, top = result.logprobs["a"]
+    assert rank == 1 and logprob == pytest.approx(torch.log_softmax(logits[0], -1)[best[0]].item(), abs=1e-5)
+    assert [t for t, _ in top] == logits[0].topk(2).indices.tolist()
+    assert result.logprobs["c"][2] == []

@@ -192,9 +192,9 @@ class LLMEngine:
         """Runs one batch; returns a RequestOutput for each request it advanced (cumulative).
 
         On CUDA the step is asynchronous: it launches step N, then reads and applies step N-1's
-        tokens while the device works, so host work overlaps device work. Steps whose sampling
-        needs the previous tokens' values on the host (penalties, min_tokens, logprobs) run
-        synchronously.
+        tokens (and logprobs) while the device works, so host work overlaps device work. Step N
+        takes N-1's tokens from the device where it needs them (inputs, penalties). Steps that
+        score prompt tokens (prompt_logprobs) run synchronously.
         """
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
@@ -234,9 +234,7 @@ class LLMEngine:
 
     @staticmethod
     def _needs_sync(request: Request) -> bool:
-        p = request.sampling_params
-        return (p.logprobs is not None or p.prompt_logprobs is not None or p.min_tokens > 0
-                or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0)
+        return request.sampling_params.prompt_logprobs is not None
 
     def _apply(self, step) -> list[RequestOutput]:
         """Reads a launched step's tokens and applies them: detokenize, stop checks, outputs."""

@@ -40,8 +40,8 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return generator
 
 
-def _to_device(data: list, dtype: torch.dtype, device: torch.device,
-               copy_stream: torch.cuda.Stream | None = None) -> Tensor:
+def to_device(data: list, dtype: torch.dtype, device: torch.device,
+              copy_stream: torch.cuda.Stream | None = None) -> Tensor:
     # Pinned source + non_blocking lets the copy overlap with the step instead of syncing. On a
     # copy stream it also stays out of the compute stream, where every switch between a kernel
     # and a copy costs microseconds; the caller makes the compute stream wait for that stream.
@@ -54,6 +54,12 @@ def _to_device(data: list, dtype: torch.dtype, device: torch.device,
         out = source.to(device, non_blocking=True)
     out.record_stream(consumer)  # its memory is not reused before the consumer's reads are done
     return out
+
+
+def uses_penalty(params: SamplingParams) -> bool:
+    """Whether a repetition, frequency or presence penalty changes this request's logits."""
+    return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0)
 
 
 # Stands in for the history of a row without penalties; an array so the fast path holds.
@@ -132,6 +138,8 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str,
         copy_stream: torch.cuda.Stream | None = None,
+        pending_rows: Sequence[int] = (),
+        pending_tokens: Tensor | None = None,
     ) -> SamplingBatch:
         """Gather per-request state into device tensors (one row per request).
 
@@ -147,6 +155,10 @@ class SamplingBatch:
             vocab_size: V, the logits' last dimension.
             copy_stream: on CUDA, a stream for the host-to-device copies of the per-row values;
                 the current stream waits for it before this returns.
+            pending_rows: rows with one more generated token than output_token_ids holds (the
+                previous step sampled it; the host has not read it yet). It counts for min_tokens.
+            pending_tokens: [len(pending_rows)] int64 on ``device``, those tokens; needed when a
+                pending row uses a penalty.
         """
         num_rows = len(params)
         for name, seq in (
@@ -157,7 +169,14 @@ class SamplingBatch:
         ):
             if len(seq) != num_rows:
                 raise ValueError(f"{name} must have one entry per row ({num_rows}), got {len(seq)}")
+        if len(set(pending_rows)) != len(pending_rows) or not all(0 <= r < num_rows for r in pending_rows):
+            raise ValueError(f"pending_rows must be distinct rows in [0, {num_rows}), got {list(pending_rows)}")
+        if pending_tokens is not None and tuple(pending_tokens.shape) != (len(pending_rows),):
+            raise ValueError(f"pending_tokens must be [{len(pending_rows)}], got {tuple(pending_tokens.shape)}")
         device = torch.device(device)
+        num_pending = [0] * num_rows
+        for row in pending_rows:
+            num_pending[row] = 1
 
         greedy = [p.is_greedy for p in params]
         temperature = [0.0 if g else p.temperature for p, g in zip(params, greedy)]
@@ -166,11 +185,11 @@ class SamplingBatch:
         top_p = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
         min_p = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
 
-        def to_device(values: list, dtype: torch.dtype) -> Tensor:
-            return _to_device(values, dtype, device, copy_stream)
+        def copied(values: list, dtype: torch.dtype) -> Tensor:
+            return to_device(values, dtype, device, copy_stream)
 
         def optional(values: list, neutral: float | int, dtype: torch.dtype) -> Tensor | None:
-            return None if all(v == neutral for v in values) else to_device(values, dtype)
+            return None if all(v == neutral for v in values) else copied(values, dtype)
 
         rep = [p.repetition_penalty for p in params]
         freq = [p.frequency_penalty for p in params]
@@ -184,9 +203,17 @@ class SamplingBatch:
         prompt_mask = None
         output_counts = None
         if rep_t is not None or freq_t is not None or pres_t is not None:
-            uses = [r != 1.0 or f != 0.0 or q != 0.0 for r, f, q in zip(rep, freq, pres)]
+            uses = [uses_penalty(p) for p in params]
             outputs = [o if u else _EMPTY for o, u in zip(output_token_ids, uses)]
             output_counts = _token_histogram(outputs, vocab_size, device)  # [S, V]
+            counted = [i for i, row in enumerate(pending_rows) if uses[row]]
+            if counted:
+                if pending_tokens is None:
+                    raise ValueError("pending_tokens are needed: a pending row uses a penalty")
+                # On the compute stream, in order behind whatever produced pending_tokens.
+                rows = to_device([pending_rows[i] for i in counted], torch.int64, device)
+                tokens = pending_tokens[to_device(counted, torch.int64, device)]
+                output_counts.index_put_((rows, tokens), torch.ones(len(counted), device=device), accumulate=True)
             if rep_t is not None:
                 prompts = [t if r != 1.0 else _EMPTY for t, r in zip(prompt_token_ids, rep)]
                 prompt_mask = _token_histogram(prompts, vocab_size, device) > 0  # [S, V]
@@ -203,7 +230,7 @@ class SamplingBatch:
         mask_rows: list[int] = []
         mask_tokens: list[int] = []
         for row, (p, out, stop_ids) in enumerate(zip(params, output_token_ids, stop_ids_for_min_tokens)):
-            if len(out) < p.min_tokens:
+            if len(out) + num_pending[row] < p.min_tokens:
                 for token in stop_ids:
                     mask_rows.append(row)
                     mask_tokens.append(token)
@@ -211,7 +238,7 @@ class SamplingBatch:
         requested = [p.logprobs for p in params if p.logprobs is not None]
 
         batch = cls(
-            temperature=to_device(temperature, torch.float32),
+            temperature=copied(temperature, torch.float32),
             all_greedy=all(greedy),
             all_random=not any(greedy),
             top_p=optional(top_p, 1.0, torch.float32),
@@ -223,11 +250,11 @@ class SamplingBatch:
             presence_penalty=pres_t,
             prompt_token_mask=prompt_mask,
             output_token_counts=output_counts,
-            bias_rows=to_device(bias_rows, torch.int64) if bias_rows else None,
-            bias_tokens=to_device(bias_tokens, torch.int64) if bias_rows else None,
-            bias_values=to_device(bias_values, torch.float32) if bias_rows else None,
-            min_tokens_rows=to_device(mask_rows, torch.int64) if mask_rows else None,
-            min_tokens_tokens=to_device(mask_tokens, torch.int64) if mask_rows else None,
+            bias_rows=copied(bias_rows, torch.int64) if bias_rows else None,
+            bias_tokens=copied(bias_tokens, torch.int64) if bias_rows else None,
+            bias_values=copied(bias_values, torch.float32) if bias_rows else None,
+            min_tokens_rows=copied(mask_rows, torch.int64) if mask_rows else None,
+            min_tokens_tokens=copied(mask_tokens, torch.int64) if mask_rows else None,
             generators={
                 row: g for row, (g, is_g) in enumerate(zip(generators, greedy)) if g is not None and not is_g
             },

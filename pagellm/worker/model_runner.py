@@ -18,7 +18,7 @@ from pagellm.config import CacheConfig, ModelConfig
 from pagellm.core.scheduler import ScheduledRequest, SchedulerOutput
 from pagellm.layers.attention import AttentionMetadata, get_attention_backend
 from pagellm.layers.attention.layer import PagedAttention
-from pagellm.layers.sampler import Sampler, SamplingBatch, gather_logprobs
+from pagellm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs, to_device, uses_penalty
 from pagellm.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from pagellm.worker.host_memory import keep_freed_memory
 from pagellm.worker.staging import StagingBuffers
@@ -40,44 +40,76 @@ class StepResult:
     prompt_logprobs: dict[str, list[tuple[int, float, int, list[tuple[int, float]]]]]
 
 
+class _ReadBack:
+    """Device tensors copied to pinned host memory behind the work queued so far; `values()` waits
+    for that copy alone, not for whatever the device was given after it."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], copy_stream: torch.cuda.Stream | None = None) -> None:
+        """`copy_stream`: where the copies run (it waits for the current stream first), so the
+        compute stream goes on to the next step without a copy in between."""
+        self._tensors = tensors
+        self._host: dict[str, torch.Tensor] | None = None
+        self._ready: torch.cuda.Event | None = None
+        devices = [t.device for t in tensors.values() if t.is_cuda]
+        if not devices:
+            return
+        current = torch.cuda.current_stream(devices[0])
+        stream = copy_stream if copy_stream is not None else current
+        self._host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in tensors.items()}
+        self._ready = torch.cuda.Event()
+        if copy_stream is not None:
+            copy_stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            for name, t in tensors.items():
+                self._host[name].copy_(t, non_blocking=True)
+            self._ready.record(stream)
+        if copy_stream is not None:
+            for t in tensors.values():
+                t.record_stream(copy_stream)
+
+    def values(self) -> dict[str, list]:
+        if self._ready is None:
+            return {name: t.tolist() for name, t in self._tensors.items()}
+        self._ready.synchronize()
+        return {name: h.tolist() for name, h in self._host.items()}
+
+
 class PendingStep:
-    """A launched step whose sampled tokens are still on the device.
+    """A launched step whose sampled tokens (and logprobs, if asked) are still on the device.
 
     `resolve()` waits for them (the step's one host-device sync) and returns the StepResult.
-    Steps that need logprobs are resolved at launch.
     """
 
     def __init__(self, request_ids: list[str], sampled: torch.Tensor | None, result: StepResult,
-                 copy_stream: torch.cuda.Stream | None = None) -> None:
-        """`copy_stream`: where the tokens' device-to-host copy runs (it waits for the current
-        stream first), so the compute stream goes on to the next step without a copy in between."""
+                 copy_stream: torch.cuda.Stream | None = None,
+                 logprobs: tuple[list[int | None], SamplerOutput] | None = None) -> None:
+        """`sampled`: [S] tokens, rows in request_ids order. `logprobs`: each row's number of top
+        logprobs asked (None: none) and the sampler's output holding them. Both are read back on
+        `copy_stream` (see _ReadBack)."""
         self.request_ids = request_ids
         self.scheduled: list[ScheduledRequest] = []  # set by the engine after launch
-        self.sampled = sampled  # [S] int64 on the device, rows in request_ids order
+        self.sampled = sampled  # [S] int64 on the device until resolved; the next step may read it
         self.result = result
-        self._host: torch.Tensor | None = None
-        self._ready: torch.cuda.Event | None = None
-        if sampled is not None and sampled.is_cuda:
-            self._host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-            self._ready = torch.cuda.Event()
-            if copy_stream is None:
-                self._host.copy_(sampled, non_blocking=True)
-                self._ready.record()
-            else:
-                copy_stream.wait_stream(torch.cuda.current_stream(sampled.device))
-                with torch.cuda.stream(copy_stream):
-                    self._host.copy_(sampled, non_blocking=True)
-                    self._ready.record(copy_stream)
-                sampled.record_stream(copy_stream)
+        self._logprob_ks: list[int | None] | None = None
+        tensors = {"sampled": sampled} if sampled is not None else {}
+        if logprobs is not None:
+            self._logprob_ks, out = logprobs
+            tensors.update(logprob=out.sampled_logprobs, rank=out.sampled_ranks)
+            if out.topk_token_ids is not None:
+                tensors.update(top_ids=out.topk_token_ids, top_logprobs=out.topk_logprobs)
+        self._read = _ReadBack(tensors, copy_stream) if tensors else None
 
     def resolve(self) -> StepResult:
-        if self.sampled is not None:
-            if self._ready is not None:
-                self._ready.synchronize()
-                tokens = self._host.tolist()
-            else:
-                tokens = self.sampled.tolist()
-            self.result.sampled = dict(zip(self.request_ids, tokens))
+        if self._read is not None:
+            values = self._read.values()
+            self._read = None
+            self.result.sampled = dict(zip(self.request_ids, values["sampled"]))
+            if self._logprob_ks is not None:
+                top_ids, top_lps = values.get("top_ids"), values.get("top_logprobs")
+                for i, (request_id, k) in enumerate(zip(self.request_ids, self._logprob_ks)):
+                    if k is not None:
+                        top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
+                        self.result.logprobs[request_id] = (values["logprob"][i], values["rank"][i], top)
             self.sampled = None
         return self.result
 
@@ -319,10 +351,10 @@ class ModelRunner:
 
         self.staging.end_step()
         result = StepResult(sampled={}, logprobs={}, prompt_logprobs={})
-        sampled = self._sample(logits, sampling, result) if sampling else None
+        sampled, logprobs = self._sample(logits, sampling, previous, prev_rows) if sampling else (None, None)
         for item, first, count in prompt_lp:
             self._prompt_logprobs(hidden[first:first + count], item, result)
-        return PendingStep([s.request.request_id for s in sampling], sampled, result, self.copy_stream)
+        return PendingStep([s.request.request_id for s in sampling], sampled, result, self.copy_stream, logprobs)
 
     def _padded_rows(self, rows: list[int]) -> list[int]:
         """`rows`, repeated at the end up to the next decode-graph batch size when pad_logit_rows.
@@ -358,33 +390,42 @@ class ModelRunner:
             self.generators[r.request_id] = gen
         return gen
 
-    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledRequest], result: StepResult) -> torch.Tensor:
-        """Samples on the device; returns the tokens [S] there. Logprobs, if asked, are read now."""
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledRequest], previous: PendingStep | None,
+                prev_rows: dict[str, int]) -> tuple[torch.Tensor, tuple[list[int | None], SamplerOutput] | None]:
+        """Samples on the device. Returns the tokens [S] there and, when a row asked for logprobs,
+        each row's number of them with the sampler output that holds them (read back with the tokens).
+
+        Rows whose last token `previous` sampled and the host has not read yet (`prev_rows`: request
+        id -> row of previous.sampled) count it for min_tokens and, with a penalty, take its value
+        from the device: such steps need no sync either.
+        """
         reqs = [s.request for s in sampling]
+        params = [r.sampling_params for r in reqs]
+        pending_rows = [row for row, r in enumerate(reqs) if r.request_id in prev_rows]
+        pending_tokens = None
+        if pending_rows and any(uses_penalty(p) for p in params):
+            sources = [prev_rows[reqs[row].request_id] for row in pending_rows]
+            pending_tokens = previous.sampled[to_device(sources, torch.int64, self.device)]  # [P]
+        num_pending = [0] * len(reqs)
+        for row in pending_rows:
+            num_pending[row] = 1
         batch = SamplingBatch.build(
-            params=[r.sampling_params for r in reqs],
+            params=params,
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
             generators=[self._generator(s) for s in sampling],
-            stop_ids_for_min_tokens=[self._min_tokens_stop_ids(r) for r in reqs],
-            vocab_size=logits.shape[-1], device=self.device, copy_stream=self.copy_stream)
+            stop_ids_for_min_tokens=[self._min_tokens_stop_ids(r, n) for r, n in zip(reqs, num_pending)],
+            vocab_size=logits.shape[-1], device=self.device, copy_stream=self.copy_stream,
+            pending_rows=pending_rows, pending_tokens=pending_tokens)
         out = self.sampler(logits, batch)
-        if out.sampled_logprobs is not None:
-            lp = out.sampled_logprobs.tolist()
-            ranks = out.sampled_ranks.tolist()
-            top_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else None
-            top_lps = out.topk_logprobs.tolist() if out.topk_logprobs is not None else None
-            for i, r in enumerate(reqs):
-                k = r.sampling_params.logprobs
-                if k is not None:
-                    top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids is not None else []
-                    result.logprobs[r.request_id] = (lp[i], ranks[i], top)
-        return out.sampled_token_ids
+        logprobs = ([p.logprobs for p in params], out) if out.sampled_logprobs is not None else None
+        return out.sampled_token_ids, logprobs
 
     @staticmethod
-    def _min_tokens_stop_ids(r) -> set[int]:
+    def _min_tokens_stop_ids(r, num_pending: int = 0) -> set[int]:
+        """Ids to mask while the request's output (with `num_pending` tokens not yet read) is short."""
         p = r.sampling_params
-        if len(r.output_token_ids) >= p.min_tokens:
+        if len(r.output_token_ids) + num_pending >= p.min_tokens:
             return set()
         ids = set(p.stop_token_ids or [])
         if not p.ignore_eos:
