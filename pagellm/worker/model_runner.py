@@ -141,7 +141,8 @@ class ModelRunner:
                             and os.environ.get("PAGELLM_COPY_STREAM", "1") != "0" else None)
         self.generators: dict[str, torch.Generator] = {}
         self.max_num_seqs = max_num_seqs
-        self.pad_logit_rows = device.type == "cuda"  # see _padded_rows
+        # See _padded_rows; PAGELLM_PAD_LOGIT_ROWS=0 turns it off.
+        self.pad_logit_rows = device.type == "cuda" and os.environ.get("PAGELLM_PAD_LOGIT_ROWS", "1") != "0"
         self.max_num_batched_tokens = max_num_batched_tokens
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         for layer in self.attn_layers:

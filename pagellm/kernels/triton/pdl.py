@@ -15,7 +15,7 @@ tables and sequence bounds) may come first: a kernel's programs are only schedul
 program of the kernel before it has passed its own wait, so everything earlier has completed.
 Kernels that do not take part (cuBLAS, PyTorch ops) order the stream as usual; the wait is a no-op
 in a kernel launched without PDL. Launches over more than PDL_MAX_ROWS rows, whose neighbours are
-cuBLAS GEMMs, go without it. PAGELLM_PDL=0 turns it off.
+cuBLAS GEMMs, go without it (PAGELLM_PDL=all: with it). PAGELLM_PDL=0 turns it off.
 """
 
 from __future__ import annotations
@@ -57,9 +57,12 @@ PDL_MAX_ROWS = 16
 
 def pdl_options(device: torch.device, num_rows: int) -> Mapping:
     """Keyword arguments for a launch of a kernel with a USE_PDL parameter over `num_rows` rows:
-    PDL on for decode-sized launches where the device (CUDA, compute capability >= 9) and Triton
-    support it."""
-    return _device_options(device) if num_rows <= PDL_MAX_ROWS else _OFF
+    PDL on for decode-sized launches (every launch with PAGELLM_PDL=all) where the device (CUDA,
+    compute capability >= 9) and Triton support it."""
+    return _device_options(device) if num_rows <= PDL_MAX_ROWS or _ALL_ROWS else _OFF
+
+
+_ALL_ROWS = os.environ.get("PAGELLM_PDL") == "all"
 
 
 @functools.lru_cache(maxsize=None)
