@@ -397,6 +397,15 @@ def test_values_copied_on_a_side_stream_match_and_tokens_read_back() -> None:
     tokens = torch.arange(40, 44, device="cuda")
     step = PendingStep(["a", "b", "c", "d"], tokens * 2, StepResult({}, {}, {}), copy_stream)
     assert step.resolve().sampled == {"a": 80, "b": 82, "c": 84, "d": 86}
+    # Logprobs come back on the same side stream, with the tokens.
+    logits = torch.randn(2, 16, device="cuda")
+    asked = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(temperature=0.0)]
+    out = Sampler()(logits, SamplingBatch.build(asked, [[1], [2]], [[], []], [None, None], [set(), set()], 16, "cuda"))
+    step = PendingStep(["a", "b"], out.sampled_token_ids, StepResult({}, {}, {}), copy_stream,
+                       logprobs=([p.logprobs for p in asked], out))
+    result = step.resolve()
+    assert result.sampled == dict(zip("ab", logits.argmax(-1).tolist())) and set(result.logprobs) == {"a"}
+    assert [t for t, _ in result.logprobs["a"][2]] == logits[0].topk(3).indices.tolist()
 
 
 # -- tokens the previous step sampled, not yet read by the host (asynchronous steps) ----------
