@@ -383,7 +383,7 @@ def test_cuda_no_host_sync_and_seed_matches_batch_changes() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_values_copied_on_a_side_stream_match_and_tokens_read_back() -> None:
-    from pagellm.worker.model_runner import PendingStep, StepResult
+    from pagellm.worker.pending_step import PendingStep, StepResult
     params = [SamplingParams(temperature=0.7, top_p=0.9, logit_bias={3: 1.5}),
               SamplingParams(temperature=0.0, top_k=5, min_p=0.1)]
     copy_stream = torch.cuda.Stream()
@@ -437,7 +437,7 @@ def test_pending_rows_rejected_when_inconsistent() -> None:
 
 
 def test_pending_step_reads_logprobs_with_the_tokens() -> None:
-    from pagellm.worker.model_runner import PendingStep, StepResult
+    from pagellm.worker.pending_step import PendingStep, StepResult
     logits = torch.randn(3, 16)
     params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.0),
               SamplingParams(temperature=0.0, logprobs=0)]
