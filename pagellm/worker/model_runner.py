@@ -57,6 +57,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         # See _padded_rows; PAGELLM_PAD_LOGIT_ROWS=0 turns it off.
         self.pad_logit_rows = device.type == "cuda" and os.environ.get("PAGELLM_PAD_LOGIT_ROWS", "1") != "0"
+        self._logit_row_sizes = capture_sizes(max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.attn_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         for layer in self.attn_layers:
@@ -280,7 +281,7 @@ class ModelRunner:
         """
         if not self.pad_logit_rows:
             return rows
-        size = next((s for s in capture_sizes(self.max_num_seqs) if s >= len(rows)), len(rows))
+        size = next((s for s in self._logit_row_sizes if s >= len(rows)), len(rows))
         return rows + rows[-1:] * (size - len(rows))
 
     def capture_cuda_graphs(self) -> None:
@@ -316,20 +317,18 @@ class ModelRunner:
         """
         reqs = [s.request for s in sampling]
         params = [r.sampling_params for r in reqs]
-        pending_rows = [row for row, r in enumerate(reqs) if r.request_id in prev_rows]
+        pending = [(row, prev_rows[r.request_id]) for row, r in enumerate(reqs) if r.request_id in prev_rows]
+        pending_rows = [row for row, _ in pending]
         pending_tokens = None
-        if pending_rows and any(uses_penalty(p) for p in params):
-            sources = [prev_rows[reqs[row].request_id] for row in pending_rows]
+        if pending and any(uses_penalty(p) for p in params):
+            sources = [source for _, source in pending]
             pending_tokens = previous.sampled[to_device(sources, torch.int64, self.device)]  # [P]
-        num_pending = [0] * len(reqs)
-        for row in pending_rows:
-            num_pending[row] = 1
         batch = SamplingBatch.build(
             params=params,
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
             generators=[self._generator(s) for s in sampling],
-            stop_ids_for_min_tokens=[self._min_tokens_stop_ids(r, n) for r, n in zip(reqs, num_pending)],
+            stop_ids_for_min_tokens=[self._min_tokens_stop_ids(r) for r in reqs],
             vocab_size=logits.shape[-1], device=self.device, copy_stream=self.copy_stream,
             pending_rows=pending_rows, pending_tokens=pending_tokens)
         out = self.sampler(logits, batch)
@@ -337,10 +336,11 @@ class ModelRunner:
         return out.sampled_token_ids, logprobs
 
     @staticmethod
-    def _min_tokens_stop_ids(r, num_pending: int = 0) -> set[int]:
-        """Ids to mask while the request's output (with `num_pending` tokens not yet read) is short."""
+    def _min_tokens_stop_ids(r) -> set[int]:
+        """Ids to mask while the request's output is short of min_tokens (SamplingBatch.build
+        decides when, counting a pending token too); none once the output the host has is long enough."""
         p = r.sampling_params
-        if len(r.output_token_ids) + num_pending >= p.min_tokens:
+        if len(r.output_token_ids) >= p.min_tokens:
             return set()
         ids = set(p.stop_token_ids or [])
         if not p.ignore_eos:

@@ -53,6 +53,7 @@ _OFF = MappingProxyType({"USE_PDL": False})
 # the Triton kernels between them gain nothing from it: gpu-thr, whose steps are mostly larger, ran
 # 0.4% faster with PDL off (H200, two alternating pairs).
 PDL_MAX_ROWS = 16
+_ALL_ROWS = os.environ.get("PAGELLM_PDL") == "all"
 
 
 def pdl_options(device: torch.device, num_rows: int) -> Mapping:
@@ -60,9 +61,6 @@ def pdl_options(device: torch.device, num_rows: int) -> Mapping:
     PDL on for decode-sized launches (every launch with PAGELLM_PDL=all) where the device (CUDA,
     compute capability >= 9) and Triton support it."""
     return _device_options(device) if num_rows <= PDL_MAX_ROWS or _ALL_ROWS else _OFF
-
-
-_ALL_ROWS = os.environ.get("PAGELLM_PDL") == "all"
 
 
 @functools.lru_cache(maxsize=None)
