@@ -315,6 +315,49 @@ def test_write_then_attend_round_trip():
     run_and_compare(step)
 
 
+# A mixed step as the model runner orders it: the decodes lead, then prefill chunks (one of them
+# cached, one long enough for two row tiles in the interpreter).
+DECODES_FIRST = [(14, 1), (15, 1), (16, 1), (36, 1), (0, 17), (20, 13), (9, 40)]
+
+
+def test_first_seq_attends_only_the_later_sequences():
+    # The prefill chunks of DECODES_FIRST alone: their rows match the oracle, the decodes' rows are
+    # left as they were.
+    step = make_step(DECODES_FIRST, num_heads=4, num_kv_heads=2, head_dim=64)
+    query, d = step["query"], 4
+    args = [step[k] for k in ("query", "k_cache", "v_cache", "block_tables", "seq_lens", "query_start_loc")]
+    out = torch.full_like(query, float("nan"))
+    paged_attention(*args, step["max_query_len"], step["max_seq_len"], 0.125, out=out, first_seq=d)
+    expected = paged_attention_ref(*args, 0.125)
+    assert out[:d].isnan().all()
+    torch.testing.assert_close(out[d:], expected[d:], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="first_seq"):
+        paged_attention(*args, step["max_query_len"], step["max_seq_len"], 0.125, first_seq=len(DECODES_FIRST) + 1)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_backend_mixed_step_in_two_launches(monkeypatch, window):
+    from pagellm.layers.attention import triton_backend
+    from pagellm.layers.attention.backend import AttentionMetadata
+    launches = []  # (sequences, first_seq) per launch; the kernels are this module's (interpreted on the CPU)
+    monkeypatch.setattr(triton_backend, "paged_attention", lambda *a, **k: launches.append(
+        (a[4].shape[0], k.get("first_seq", 0))) or paged_attention(*a, **k))
+    step = make_step(DECODES_FIRST, num_heads=8, num_kv_heads=2, head_dim=64)
+    lens = [q for _, q in DECODES_FIRST]
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.int64, device=DEVICE), query_start_loc=step["query_start_loc"],
+        seq_lens=step["seq_lens"], block_tables=step["block_tables"], max_query_len=step["max_query_len"],
+        max_seq_len=step["max_seq_len"], num_decodes=4, num_decode_tokens=4, query_lens_cpu=lens,
+        seq_lens_cpu=step["seq_lens"].tolist())
+    out = triton_backend.TritonAttentionBackend().forward(
+        step["query"], None, None, step["k_cache"], step["v_cache"], meta, 0.125, sliding_window=window,
+        kv_written=True)
+    expected = paged_attention_ref(step["query"], step["k_cache"], step["v_cache"], step["block_tables"],
+                                   step["seq_lens"], step["query_start_loc"], 0.125, sliding_window=window)
+    assert launches == [(4, 0), (len(DECODES_FIRST), 4)]  # the decodes, then the chunks after them
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_rejects_bad_input():
     step = make_step([(0, 3)], num_heads=4, num_kv_heads=2, head_dim=64)
     args = [step[k] for k in ("query", "k_cache", "v_cache", "block_tables", "seq_lens", "query_start_loc")]

@@ -70,6 +70,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.staging = StagingBuffers(device)
         self.num_blocks = self._allocate_kv_cache()
+        if device.type == "cuda" and self.backend.name == "triton":
+            self._warm_up_mixed_steps()
         self.capture_cuda_graphs()
         spec = getattr(model, "spec", None)
         if self.sampler.use_triton and device.type == "cuda" and spec is not None:
@@ -154,6 +156,28 @@ class ModelRunner:
             layer.k_cache = layer.v_cache = torch.empty(0)
         torch.cuda.empty_cache()
         return peak
+
+    @torch.inference_mode()
+    def _warm_up_mixed_steps(self) -> None:
+        """Runs two small mixed steps (decodes and a prefill chunk) so their kernel variants compile
+        now: a mixed step attends its decodes in a launch of its own, with PDL up to PDL_MAX_ROWS
+        decodes and without it above. Uncompiled, the first such steps of a run took seconds."""
+        from pagellm.kernels.triton.pdl import PDL_MAX_ROWS
+        if self.num_blocks < 2:
+            return
+        bs = self.block_size
+        for num_decodes in (1, PDL_MAX_ROWS + 1):
+            # Every sequence in block 0 or 1: decodes at position 0, the chunk at positions 0-1.
+            query_lens = [1] * num_decodes + [2]
+            tables = [[0]] * num_decodes + [[1]]
+            slots = [0] * num_decodes + [bs, bs + 1]
+            positions = [0] * num_decodes + [0, 1]
+            self.staging.begin_step()
+            meta = self._metadata(query_lens, query_lens, tables, slots, num_decodes)
+            ids = torch.zeros(len(positions), dtype=torch.int64, device=self.device)
+            self.model(ids, self._to_device(positions, torch.int64, "positions"), meta)
+            self.staging.end_step()
+        torch.cuda.synchronize(self.device)
 
     def zero_blocks(self, block_ids: list[int]) -> None:
         """Clears newly handed-out blocks so stale or uninitialised memory never reaches attention."""
