@@ -177,7 +177,8 @@ class ModelRunner:
             ids = torch.zeros(len(positions), dtype=torch.int64, device=self.device)
             self.model(ids, self._to_device(positions, torch.int64, "positions"), meta)
             self.staging.end_step()
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def zero_blocks(self, block_ids: list[int]) -> None:
         """Clears newly handed-out blocks so stale or uninitialised memory never reaches attention."""
