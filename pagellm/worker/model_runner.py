@@ -135,10 +135,7 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = tmp[i, 0], tmp[i, 1]
         lens = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
         tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(len(lens))]
-        positions = [p for n in lens for p in range(n)]
-        slots = [tables[i][p // self.block_size] * self.block_size + p % self.block_size
-                 for i, n in enumerate(lens) for p in range(n)]
-        meta = self._metadata(lens, lens, tables, slots, num_decodes=0)
+        meta, positions = self._made_up_step(lens, lens, tables, num_decodes=0)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
@@ -165,20 +162,26 @@ class ModelRunner:
         from pagellm.kernels.triton.pdl import PDL_MAX_ROWS
         if self.num_blocks < 2:
             return
-        bs = self.block_size
         for num_decodes in (1, PDL_MAX_ROWS + 1):
-            # Every sequence in block 0 or 1: decodes at position 0, the chunk at positions 0-1.
+            # Decodes at position 0 of block 0, then a 2-token chunk in block 1.
             query_lens = [1] * num_decodes + [2]
-            tables = [[0]] * num_decodes + [[1]]
-            slots = [0] * num_decodes + [bs, bs + 1]
-            positions = [0] * num_decodes + [0, 1]
             self.staging.begin_step()
-            meta = self._metadata(query_lens, query_lens, tables, slots, num_decodes)
+            meta, positions = self._made_up_step(query_lens, query_lens, [[0]] * num_decodes + [[1]], num_decodes)
             ids = torch.zeros(len(positions), dtype=torch.int64, device=self.device)
             self.model(ids, self._to_device(positions, torch.int64, "positions"), meta)
             self.staging.end_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _made_up_step(self, query_lens: list[int], seq_lens: list[int], tables: list[list[int]],
+                      num_decodes: int) -> tuple[AttentionMetadata, list[int]]:
+        """Metadata and positions of a step that did not come from the scheduler: sequence i computes
+        its last query_lens[i] of seq_lens[i] positions, in the blocks tables[i]."""
+        bs = self.block_size
+        spans = [(table, range(n - q, n)) for q, n, table in zip(query_lens, seq_lens, tables)]
+        positions = [p for _, span in spans for p in span]
+        slots = [table[p // bs] * bs + p % bs for table, span in spans for p in span]
+        return self._metadata(query_lens, seq_lens, tables, slots, num_decodes), positions
 
     def zero_blocks(self, block_ids: list[int]) -> None:
         """Clears newly handed-out blocks so stale or uninitialised memory never reaches attention."""

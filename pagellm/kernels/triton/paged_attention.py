@@ -362,9 +362,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     No host-device sync: tensor values are not inspected.
     """
     _validate(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len,
-              max_seq_len, sliding_window, logits_soft_cap, out, num_kv_splits, seq_order)
-    if not 0 <= first_seq <= seq_lens.shape[0]:
-        raise ValueError(f"first_seq must be in [0, {seq_lens.shape[0]}]; got {first_seq}")
+              max_seq_len, sliding_window, logits_soft_cap, out, num_kv_splits, seq_order, first_seq)
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -435,7 +433,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def _validate(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
               seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, max_seq_len: int,
               sliding_window: int | None, logits_soft_cap: float | None, out: torch.Tensor | None,
-              num_kv_splits: int | None, seq_order: torch.Tensor | None = None) -> None:
+              num_kv_splits: int | None, seq_order: torch.Tensor | None = None, first_seq: int = 0) -> None:
     if query.dim() != 3:
         raise ValueError(f"query must be [T, num_heads, head_dim]; got shape {tuple(query.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -461,6 +459,8 @@ def _validate(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise ValueError("seq_lens must be [S], query_start_loc [S + 1] and block_tables [S, max_blocks]; got "
                          f"{tuple(seq_lens.shape)}, {tuple(query_start_loc.shape)}, {tuple(block_tables.shape)}")
     num_seqs = seq_lens.shape[0]
+    if not 0 <= first_seq <= num_seqs:
+        raise ValueError(f"first_seq must be in [0, {num_seqs}]; got {first_seq}")
     if query_start_loc.shape[0] != num_seqs + 1 or block_tables.shape[0] < num_seqs:
         raise ValueError(f"query_start_loc must have S + 1 = {num_seqs + 1} entries and block_tables >= S rows; "
                          f"got {query_start_loc.shape[0]} and {block_tables.shape[0]}")
