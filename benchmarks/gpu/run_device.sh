@@ -9,7 +9,7 @@ Q=benchmarks/configs/qwen3-0.6b; L=benchmarks/configs/llama-3.1-8b
 for s in $STAGES; do case $s in
 check) timeout 240 python3 benchmarks/gpu/check_backends.py 2>&1 | tee $OUT/check.log | grep -E "PASS|FAIL|Error|error" ;;
 kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py tests/test_skinny_gemm.py tests/test_gumbel_kernel.py tests/test_decode_graph_inputs.py 2>&1 | tail -3 ;;
-samp) timeout 150 python3 benchmarks/kernels/bench_sampling.py 2>&1 | tee $OUT/samp.log | tail -14 ;;
+samp) timeout 150 python3 benchmarks/kernels/bench_sampling.py --samplers new cdf 2>&1 | tee $OUT/samp.log | tail -14 ;;
 gemm) timeout 280 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 16 2>&1 | tee $OUT/gemm8b.log | sed -n '/^rows/,$p'
       timeout 200 python3 benchmarks/kernels/bench_gemm.py --model qwen3-0.6b --rows 1 16 2>&1 | tee $OUT/gemmq.log | sed -n '/^rows/,$p' ;;
 gemmdown) timeout 250 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 --only down --top 6 2>&1 | tee $OUT/gemmdown.log | sed -n '/^M=/,$p' ;;

@@ -1,5 +1,6 @@
-"""Times the Gumbel-max sampler (kernels/triton/sampling.py) against the kernel it replaced, and checks
-statistically, before timing, that the new one draws from softmax(logits / T). Run on a CUDA machine:
+"""Times the Gumbel-max sampler (kernels/triton/sampling.py) against the kernel it replaced and the
+inverse-CDF sampler (kernels/triton/inverse_cdf_sampling.py), and checks statistically, before
+timing, that each draws from softmax(logits / T). Run on a CUDA machine:
 
     python benchmarks/kernels/bench_sampling.py            # checks + A/B table (rows 1..256, bf16/fp32)
     python benchmarks/kernels/bench_sampling.py --sweep    # + the new kernel's (BLOCK, ITERS, warps) sweep
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from pagellm.kernels.triton.inverse_cdf_sampling import inverse_cdf_sample
 from pagellm.kernels.triton.sampling import (
     NUM_WARPS, _reduce_chunks_kernel, gumbel_sample, gumbel_sample_with, launch_config)
 
@@ -69,7 +71,7 @@ def baseline_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int) 
     return out
 
 
-SAMPLERS = {"old": baseline_sample, "new": gumbel_sample}
+SAMPLERS = {"old": baseline_sample, "new": gumbel_sample, "cdf": inverse_cdf_sample}
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -161,44 +163,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also time the new kernel's launch configs")
     parser.add_argument("--no-checks", action="store_true", help="skip the statistical checks")
+    parser.add_argument("--samplers", nargs="+", choices=sorted(SAMPLERS), default=list(SAMPLERS),
+                        help="old: one Philox call per logit; new: the Gumbel kernel; cdf: inverse CDF")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_sampling needs a CUDA device")
 
-    valid = {name: True for name in SAMPLERS}
+    samplers = {name: SAMPLERS[name] for name in args.samplers}
+    valid = {name: True for name in samplers}
     if not args.no_checks:
         print(f"distribution checks (pass: p > {P_FAIL:g}):")
         for dtype in (torch.bfloat16, torch.float32):
-            for name, sample in SAMPLERS.items():
+            for name, sample in samplers.items():
                 for check, value, ok in checks(sample, dtype):
                     valid[name] &= ok
                     shown = f"p={value:.3g}" if isinstance(value, float) else f"{value} wrong"
-                    print(f"  {name:>3} {str(dtype)[6:]:>8}  {check:<22} {shown:<14} {'ok' if ok else 'FAIL'}")
+                    print(f"  {name:>4} {str(dtype)[6:]:>8}  {check:<22} {shown:<14} {'ok' if ok else 'FAIL'}")
 
     rows_out = []
     for dtype in (torch.bfloat16, torch.float32):
         for rows in ROWS:
             logits, temps = inputs(rows, dtype)
-            times = {name: time_us(lambda s=sample: s(logits, temps, 7)) for name, sample in SAMPLERS.items()}
-            block, iters = launch_config(rows, VOCAB, True)
-            print(f"rows {rows:>3} {str(dtype)[6:]:>8}: old {times['old'][0]:7.1f} us, new {times['new'][0]:7.1f} us "
-                  f"(gpu); BLOCK {block} ITERS {iters}")
+            times = {name: time_us(lambda s=sample: s(logits, temps, 7)) for name, sample in samplers.items()}
             rows_out.append((rows, dtype, times))
 
     if args.sweep:
         sweep()
 
-    print(f"\nGumbel sampling, vocab {VOCAB}, T=0.6 (us per call)")
-    print(f"{'rows':>5} {'dtype':>9} {'old gpu':>8} {'new gpu':>8} {'speedup':>8} {'old eager':>10} {'new eager':>10}")
+    print(f"\nsampling, vocab {VOCAB}, T=0.6, us per call: gpu (CUDA-graph replay) / eager")
+    print(f"{'rows':>5} {'dtype':>9} " + " ".join(f"{name + ' gpu':>10} {name + ' eager':>11}" for name in samplers))
     for rows, dtype, times in rows_out:
-        (old_gpu, old_eager), (new_gpu, new_eager) = times["old"], times["new"]
-        flag = "" if valid["new"] else "  INVALID (failed a check)"
-        print(f"{rows:>5} {str(dtype)[6:]:>9} {old_gpu:>8.1f} {new_gpu:>8.1f} {old_gpu / new_gpu:>7.2f}x "
-              f"{old_eager:>10.1f} {new_eager:>10.1f}{flag}")
+        cells = " ".join(f"{times[name][0]:>10.1f} {times[name][1]:>11.1f}" for name in samplers)
+        print(f"{rows:>5} {str(dtype)[6:]:>9} {cells}")
     if not all(valid.values()):
         bad = ", ".join(name for name, ok in valid.items() if not ok)
-        print(f"checks failed for: {bad}")
-        raise SystemExit(1 if not valid["new"] else 0)
+        print(f"INVALID (failed a check): {bad}")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ only device ops and never syncs with the host (no ``.item()``, no boolean indexi
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -296,6 +297,21 @@ def gather_logprobs(logprobs: Tensor, token_ids: Tensor, k: int) -> tuple[Tensor
     return token_logprobs, topk_ids, topk_logprobs
 
 
+def triton_sampling_module():
+    """The Triton sampler of plain rows: Gumbel-max (kernels/triton/sampling.py) or, with
+    PAGELLM_SAMPLER_KERNEL=cdf, inverse CDF (kernels/triton/inverse_cdf_sampling.py: one uniform
+    per row, 3.8x faster at 256 rows on an H200; opt-in until its last fix has run on a GPU, see
+    benchmarks/RESULTS.md). Both modules have `sample(logits, temperature, seed)` and `compile_all`."""
+    kind = os.environ.get("PAGELLM_SAMPLER_KERNEL", "gumbel")
+    if kind not in ("gumbel", "cdf"):
+        raise ValueError(f"PAGELLM_SAMPLER_KERNEL must be 'gumbel' or 'cdf'; got {kind!r}")
+    if kind == "cdf":
+        from pagellm.kernels.triton import inverse_cdf_sampling
+        return inverse_cdf_sampling
+    from pagellm.kernels.triton import sampling
+    return sampling
+
+
 class Sampler:
     """Chooses the next token per row from logits [S, V]; see the module docstring.
 
@@ -304,7 +320,7 @@ class Sampler:
 
     With ``use_triton`` (CUDA), batches of plain temperature/greedy rows (no truncation, penalties,
     seeds or logprobs: the common case) are sampled by one Triton pass over the logits
-    (Gumbel-max, kernels/triton/sampling.py), its seed drawn from the host's torch RNG.
+    (triton_sampling_module), its seed drawn from the host's torch RNG.
     """
 
     def __init__(self, use_triton: bool = False) -> None:
@@ -317,9 +333,8 @@ class Sampler:
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         if self.use_triton and logits.is_cuda and self._plain(batch):
-            from pagellm.kernels.triton.sampling import gumbel_sample
             seed = int(torch.randint(0, 2**31 - 1, (1,)))  # a CPU draw: no device sync
-            return SamplerOutput(sampled_token_ids=gumbel_sample(logits, batch.temperature, seed),
+            return SamplerOutput(sampled_token_ids=triton_sampling_module().sample(logits, batch.temperature, seed),
                                  sampled_logprobs=None, topk_token_ids=None, topk_logprobs=None, sampled_ranks=None)
         raw = logits.float()  # [S, V]; may alias `logits`, so never written in place
         scores = self.process_logits(raw, batch)

@@ -27,15 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns per tile on the GPU: four sub-tiles of 512 columns, 4 per thread at 4 warps (8-16 byte
-# loads), one Philox call per 4 columns. A measured sweep (benchmarks/kernels/bench_sampling.py
-# --sweep) is what should move this.
-GPU_BLOCK = 2048
-NUM_WARPS = 4
-# Enough programs to fill an H200 (132 SMs) about 8 four-warp programs deep; beyond that, tiles
-# are grouped ITERS to a program so fewer chunk results are written and reduced.
-_MIN_PROGRAMS = 1024
-_MAX_ITERS = 4
+from pagellm.kernels.triton.sampling_launch import (NUM_WARPS, check_launch, compile_variants,  # noqa: F401
+                                                    launch_config, sample_with_default_launch)
 
 
 @triton.jit
@@ -112,30 +105,9 @@ def _reduce_chunks_kernel(best_ptr, best_idx_ptr, out_ptr, num_chunks, vocab_siz
     tl.store(out_ptr + row, index.to(tl.int64))
 
 
-def launch_config(num_rows: int, vocab_size: int, is_cuda: bool) -> tuple[int, int]:
-    """(BLOCK, ITERS) that gumbel_sample uses for these shapes."""
-    # The interpreter (CPU) runs programs one by one: small tiles, one per program.
-    block = min(GPU_BLOCK if is_cuda else 256, max(16, triton.next_power_of_2(vocab_size)))
-    if not is_cuda:
-        return block, 1
-    tiles = triton.cdiv(vocab_size, block)
-    iters = 1
-    while iters < _MAX_ITERS and num_rows * triton.cdiv(tiles, 2 * iters) >= _MIN_PROGRAMS:
-        iters *= 2
-    return block, iters
-
-
 def compile_all(max_rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Compiles every kernel variant that batches of 1..max_rows rows will launch (ITERS, and the
-    reduction's width, depend on the row count), so none compiles in the middle of serving; returns
-    how many variants were run. Call once at start-up on CUDA."""
-    first_rows: dict[tuple[int, int], int] = {}
-    for rows in range(1, max_rows + 1):
-        first_rows.setdefault(launch_config(rows, vocab_size, device.type == "cuda"), rows)
-    temperature = torch.ones(max(first_rows.values()), dtype=torch.float32, device=device)
-    for rows in first_rows.values():
-        gumbel_sample(torch.zeros(rows, vocab_size, dtype=dtype, device=device), temperature[:rows], 0)
-    return len(first_rows)
+    """Compiles every variant that batches of 1..max_rows rows launch (see compile_variants)."""
+    return compile_variants(gumbel_sample, max_rows, vocab_size, dtype, device)
 
 
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
@@ -143,23 +115,14 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int) ->
     else an exact draw from softmax(logits / temperature). `seed` picks the random stream; the
     same (seed, logits) gives the same tokens on the same kind of device. Returns [S] int64 on the
     logits' device."""
-    if logits.dim() != 2 or logits.stride(-1) != 1:
-        raise ValueError(f"logits must be [S, V] with a contiguous last dimension; got {tuple(logits.shape)}")
-    num_rows, vocab_size = logits.shape
-    if temperature.shape != (num_rows,):
-        raise ValueError(f"temperature must be [{num_rows}]; got {tuple(temperature.shape)}")
-    block, iters = launch_config(num_rows, vocab_size, logits.is_cuda)
-    return gumbel_sample_with(logits, temperature, seed, block, iters, NUM_WARPS)
+    return sample_with_default_launch(gumbel_sample_with, logits, temperature, seed)
 
 
 def gumbel_sample_with(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int, iters: int,
                        num_warps: int) -> torch.Tensor:
     """gumbel_sample with an explicit launch config (benchmarks and tests; inputs as gumbel_sample's).
     `block` must be a power of two >= 16; tokens depend on it, not on `iters` or `num_warps`."""
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16; got {block}")
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1; got {iters}")
+    check_launch(block, iters)
     num_rows, vocab_size = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows:
@@ -172,3 +135,6 @@ def gumbel_sample_with(logits: torch.Tensor, temperature: torch.Tensor, seed: in
         _reduce_chunks_kernel[(num_rows,)](best, best_idx, out, num_chunks, vocab_size,
                                            CHUNKS_PAD=max(2, triton.next_power_of_2(num_chunks)), num_warps=1)
     return out
+
+
+sample = gumbel_sample  # the interface layers/sampler.py picks kernels by
