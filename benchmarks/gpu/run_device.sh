@@ -4,7 +4,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PYTHONPATH
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site; fi
 STAGES=${STAGES:-"check kernels thr lat start peers"}
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv,noheader
+# SM clock, power and temperature once a second for the whole call (gpu-8b-thr moved by 6-14% between
+# back-to-back processes in session 9, with no log of the clocks under load).
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+  --format=csv,noheader -l 1 > $OUT/clocks.csv 2>&1 & CLOCKS=$!
 Q=benchmarks/configs/qwen3-0.6b; L=benchmarks/configs/llama-3.1-8b
 for s in $STAGES; do case $s in
 check) timeout 240 python3 benchmarks/gpu/check_backends.py 2>&1 | tee $OUT/check.log | grep -E "PASS|FAIL|Error|error" ;;
@@ -39,3 +43,4 @@ peers8b) timeout 150 python3 benchmarks/gpu/hf_peer.py throughput --config $L --
 peers) timeout 150 python3 benchmarks/gpu/hf_peer.py throughput --config $Q --num-prompts 64 --output-len 512 2>&1 | tail -1
        timeout 100 python3 benchmarks/gpu/hf_peer.py latency --config $L 2>&1 | tail -1 ;;
 esac; done
+kill $CLOCKS 2>/dev/null; echo "clocks: $OUT/clocks.csv (lowest SM clock $(cut -d, -f2 $OUT/clocks.csv | sort -n | head -1 | tr -d ' '))"
