@@ -36,7 +36,7 @@ ragged) timeout 150 python3 benchmarks/kernels/bench_attention.py --num-heads 16
         timeout 100 python3 benchmarks/kernels/bench_attention.py --num-heads 32 --num-kv-heads 8 --gpu-thr-steps 200 600 2>&1 | tail -2 ;;
 splits) timeout 200 python3 benchmarks/kernels/bench_attention.py --num-heads 16 --num-kv-heads 8 --batches 8 16 24 32 48 64 96 128 --contexts 1024 2048 --splits 1 2 4 8 2>&1 | tee $OUT/splits.log ;;
 fused) timeout 200 python3 -m pytest -q tests/test_fused_kernels.py tests/test_sampler.py 2>&1 | tail -2 ;;
-mixed) timeout 150 python3 benchmarks/kernels/bench_mixed_attention.py --decodes 0 100 200 --config 128x64x8x2 --config 64x64x4x2 2>&1 | tee $OUT/mixed.log ;;
+mixed) timeout 150 python3 benchmarks/kernels/bench_mixed_attention.py --decodes 0 100 200 --config 128x32x8x2 --config 64x32x4x2 --config 64x64x4x2 2>&1 | tee $OUT/mixed.log ;;
 pfx) for f in "" --no-enable-prefix-caching; do timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload shared-prefix --max-model-len 4096 $f 2>&1 | grep Throughput; done ;;
 ab7) for i in 1 2; do for v in "" PAGELLM_PAD_LOGIT_ROWS=0 PAGELLM_PDL=all; do echo "gpu-thr ${v:-default}: $(env $v timeout 100 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 2>&1 | tail -1)"; done; done ;;
 peers8b) timeout 150 python3 benchmarks/gpu/hf_peer.py throughput --config $L --workload gpu-8b-thr --num-prompts 64 --output-len 214 2>&1 | tail -1 ;;
