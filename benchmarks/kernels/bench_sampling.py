@@ -21,8 +21,8 @@ import triton.language as tl
 import triton.testing
 
 from pagellm.kernels.triton.inverse_cdf_sampling import inverse_cdf_sample
-from pagellm.kernels.triton.sampling import (
-    NUM_WARPS, _reduce_chunks_kernel, gumbel_sample, gumbel_sample_with, launch_config)
+from pagellm.kernels.triton.sampling import _reduce_chunks_kernel, gumbel_sample, gumbel_sample_with
+from pagellm.kernels.triton.sampling_launch import NUM_WARPS, launch_config
 
 VOCAB = 151_936  # Qwen3
 ROWS = (1, 16, 64, 256)

@@ -325,6 +325,14 @@ class Sampler:
 
     def __init__(self, use_triton: bool = False) -> None:
         self.use_triton = use_triton
+        self._triton_kernels = None
+
+    @property
+    def triton_kernels(self):
+        """The Triton sampling module (triton_sampling_module), chosen on first use, not every step."""
+        if self._triton_kernels is None:
+            self._triton_kernels = triton_sampling_module()
+        return self._triton_kernels
 
     @staticmethod
     def _plain(batch: SamplingBatch) -> bool:
@@ -334,7 +342,7 @@ class Sampler:
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         if self.use_triton and logits.is_cuda and self._plain(batch):
             seed = int(torch.randint(0, 2**31 - 1, (1,)))  # a CPU draw: no device sync
-            return SamplerOutput(sampled_token_ids=triton_sampling_module().sample(logits, batch.temperature, seed),
+            return SamplerOutput(sampled_token_ids=self.triton_kernels.sample(logits, batch.temperature, seed),
                                  sampled_logprobs=None, topk_token_ids=None, topk_logprobs=None, sampled_ranks=None)
         raw = logits.float()  # [S, V]; may alias `logits`, so never written in place
         scores = self.process_logits(raw, batch)

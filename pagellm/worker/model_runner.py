@@ -75,10 +75,9 @@ class ModelRunner:
         self.capture_cuda_graphs()
         spec = getattr(model, "spec", None)
         if self.sampler.use_triton and device.type == "cuda" and spec is not None:
-            from pagellm.layers.sampler import triton_sampling_module
             # Every row count's sampler variant now, not in the middle of the first big batch.
-            triton_sampling_module().compile_all(self.max_num_seqs, spec.vocab_size,
-                                                 next(model.parameters()).dtype, device)
+            self.sampler.triton_kernels.compile_all(self.max_num_seqs, spec.vocab_size,
+                                                    next(model.parameters()).dtype, device)
 
     # ---- KV cache -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:

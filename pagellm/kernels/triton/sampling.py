@@ -27,8 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.sampling_launch import (NUM_WARPS, check_launch, compile_variants,  # noqa: F401
-                                                    launch_config, sample_with_default_launch)
+from pagellm.kernels.triton.sampling_launch import check_launch, compile_variants, sample_with_default_launch
 
 
 @triton.jit
