@@ -145,11 +145,29 @@ def test_compile_all_runs_one_batch_per_launch_config(kernels):
         assert len(configs) > 1  # the chunking deepens with the batch: the variants a warm-up can miss
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@SAMPLERS
+def test_no_variant_compiles_after_compile_all(kernels, monkeypatch):
+    # What the engine passes: logits rows of a graph's output buffer, temperatures of a staging one.
+    vocab, max_rows = 151936, 256
+    kernels.compile_all(max_rows, vocab, torch.bfloat16, DEVICE)
+    compiled = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", lambda *a, **k: compiled.append(k.get("repr")))
+    logits = torch.randn(max_rows, vocab, device=DEVICE).to(torch.bfloat16)
+    temperature = torch.full((max_rows,), 0.8, device=DEVICE)
+    for rows in range(1, max_rows + 1):
+        kernels.sample(logits[:rows], temperature[:rows], rows)
+    torch.cuda.synchronize()
+    assert compiled == []
+
+
 def test_the_engine_picks_the_sampler_kernel_by_environment(monkeypatch):
     from pagellm.layers.sampler import triton_sampling_module
-    assert triton_sampling_module() is sampling
-    monkeypatch.setenv("PAGELLM_SAMPLER_KERNEL", "cdf")
+    monkeypatch.delenv("PAGELLM_SAMPLER_KERNEL", raising=False)
     assert triton_sampling_module() is inverse_cdf_sampling
+    monkeypatch.setenv("PAGELLM_SAMPLER_KERNEL", "gumbel")
+    assert triton_sampling_module() is sampling
     monkeypatch.setenv("PAGELLM_SAMPLER_KERNEL", "fast")
     with pytest.raises(ValueError, match="PAGELLM_SAMPLER_KERNEL"):
         triton_sampling_module()

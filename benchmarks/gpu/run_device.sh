@@ -13,6 +13,9 @@ Q=benchmarks/configs/qwen3-0.6b; L=benchmarks/configs/llama-3.1-8b
 for s in $STAGES; do case $s in
 check) timeout 240 python3 benchmarks/gpu/check_backends.py 2>&1 | tee $OUT/check.log | grep -E "PASS|FAIL|Error|error" ;;
 kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py tests/test_skinny_gemm.py tests/test_gumbel_kernel.py tests/test_decode_graph_inputs.py 2>&1 | tail -3 ;;
+watch) TRITON_CACHE_DIR=$(mktemp -d) timeout 200 python3 benchmarks/gpu/compile_watch.py --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 > $OUT/watch.log 2>&1
+       grep -n "engine ready\|Throughput" $OUT/watch.log; sed -n '/engine ready/,$p' $OUT/watch.log | grep -c "^\[compile" ;;
+samptest) timeout 200 python3 -m pytest -q tests/test_sampling_kernels.py tests/test_gumbel_kernel.py tests/test_sampler.py 2>&1 | tail -3 ;;
 samp) timeout 150 python3 benchmarks/kernels/bench_sampling.py --samplers new cdf 2>&1 | tee $OUT/samp.log | tail -14 ;;
 gemm) timeout 280 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 16 2>&1 | tee $OUT/gemm8b.log | sed -n '/^rows/,$p'
       timeout 200 python3 benchmarks/kernels/bench_gemm.py --model qwen3-0.6b --rows 1 16 2>&1 | tee $OUT/gemmq.log | sed -n '/^rows/,$p' ;;
@@ -28,6 +31,7 @@ thr) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-form
      timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --num-prompts 64 --output-len 512 --max-model-len 4096 2>&1 | tail -1 ;;
 thr8b) timeout 200 python3 -m pagellm.benchmarks.throughput --model $L --load-format dummy --dtype bfloat16 --workload gpu-8b-thr --max-model-len 4096 --output-json $OUT/thr8b.json 2>&1 | tail -1
        timeout 120 python3 -m pagellm.benchmarks.throughput --model $L --load-format dummy --dtype bfloat16 --workload gpu-8b-thr --num-prompts 64 --output-len 214 --max-model-len 4096 2>&1 | tail -1 ;;
+thrcdf) echo "gpu-thr cdf sampler: $(PAGELLM_SAMPLER_KERNEL=cdf timeout 100 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 2>&1 | tail -1)" ;;
 lat0) PAGELLM_SKINNY_GEMM=0 timeout 200 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 2>&1 | tail -1 ;;
 lat) timeout 200 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 --output-json $OUT/lat.json 2>&1 | tee $OUT/lat.log | tail -1 ;;
 start) s0=$(date +%s.%N); timeout 120 python3 benchmarks/gpu/startup.py $L > $OUT/start.log 2>&1; s1=$(date +%s.%N); python3 -c "print('gpu-start: %.1f s' % ($s1 - $s0))"; tail -1 $OUT/start.log ;;
@@ -38,7 +42,7 @@ splits) timeout 200 python3 benchmarks/kernels/bench_attention.py --num-heads 16
 fused) timeout 200 python3 -m pytest -q tests/test_fused_kernels.py tests/test_sampler.py 2>&1 | tail -2 ;;
 mixed) timeout 150 python3 benchmarks/kernels/bench_mixed_attention.py --decodes 0 100 200 --config 128x32x8x2 --config 64x32x4x2 --config 64x64x4x2 2>&1 | tee $OUT/mixed.log ;;
 pfx) for f in "" --no-enable-prefix-caching; do timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload shared-prefix --max-model-len 4096 $f 2>&1 | grep Throughput; done ;;
-ab7) for i in 1 2; do for v in "" PAGELLM_PAD_LOGIT_ROWS=0 PAGELLM_PDL=all; do echo "gpu-thr ${v:-default}: $(env $v timeout 100 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 2>&1 | tail -1)"; done; done ;;
+ab7) for i in 1 2; do for v in "" ${AB:-PAGELLM_PAD_LOGIT_ROWS=0 PAGELLM_PDL=all}; do echo "gpu-thr ${v:-default}: $(env $v timeout 100 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 2>&1 | tail -1)"; done; done ;;
 peers8b) timeout 150 python3 benchmarks/gpu/hf_peer.py throughput --config $L --workload gpu-8b-thr --num-prompts 64 --output-len 214 2>&1 | tail -1 ;;
 peers) timeout 150 python3 benchmarks/gpu/hf_peer.py throughput --config $Q --num-prompts 64 --output-len 512 2>&1 | tail -1
        timeout 100 python3 benchmarks/gpu/hf_peer.py latency --config $L 2>&1 | tail -1 ;;

@@ -108,8 +108,11 @@ def inverse_cdf_sample_with(logits: torch.Tensor, temperature: torch.Tensor, see
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows:
         num_tiles = triton.cdiv(vocab_size, block)
-        stats = torch.empty(3, num_rows, num_tiles, dtype=torch.float32, device=logits.device)
-        tile_max, tile_mass, tile_arg = stats[0], stats[1], stats[2].view(torch.int32)
+        # Three allocations, not views of one: Triton specializes on 16-byte pointer alignment, and
+        # a view's offset (rows x tiles x 4 bytes) would make it change with the row count.
+        tile_max, tile_mass = (torch.empty(num_rows, num_tiles, dtype=torch.float32, device=logits.device)
+                               for _ in range(2))
+        tile_arg = torch.empty(num_rows, num_tiles, dtype=torch.int32, device=logits.device)
         temperature = temperature.float()
         _tile_stats_kernel[(num_rows, triton.cdiv(num_tiles, iters))](
             logits, temperature, tile_max, tile_mass, tile_arg, logits.stride(0), vocab_size, num_tiles,
