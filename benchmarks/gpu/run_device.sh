@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
 Q=benchmarks/configs/qwen3-0.6b; L=benchmarks/configs/llama-3.1-8b
 for s in $STAGES; do case $s in
 check) timeout 240 python3 benchmarks/gpu/check_backends.py 2>&1 | tee $OUT/check.log | grep -E "PASS|FAIL|Error|error" ;;
-kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py tests/test_skinny_gemm.py tests/test_gumbel_kernel.py tests/test_decode_graph_inputs.py 2>&1 | tail -3 ;;
+kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py tests/test_skinny_gemm.py tests/test_gumbel_kernel.py tests/test_sampling_kernels.py tests/test_decode_graph_inputs.py 2>&1 | tail -3 ;;
 watch) TRITON_CACHE_DIR=$(mktemp -d) timeout 200 python3 benchmarks/gpu/compile_watch.py --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 > $OUT/watch.log 2>&1
        grep -n "engine ready\|Throughput" $OUT/watch.log; sed -n '/engine ready/,$p' $OUT/watch.log | grep -c "^\[compile" ;;
 samptest) timeout 200 python3 -m pytest -q tests/test_sampling_kernels.py tests/test_gumbel_kernel.py tests/test_sampler.py 2>&1 | tail -3 ;;
