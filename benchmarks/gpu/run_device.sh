@@ -31,7 +31,6 @@ thr) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-form
      timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --num-prompts 64 --output-len 512 --max-model-len 4096 2>&1 | tail -1 ;;
 thr8b) timeout 200 python3 -m pagellm.benchmarks.throughput --model $L --load-format dummy --dtype bfloat16 --workload gpu-8b-thr --max-model-len 4096 --output-json $OUT/thr8b.json 2>&1 | tail -1
        timeout 120 python3 -m pagellm.benchmarks.throughput --model $L --load-format dummy --dtype bfloat16 --workload gpu-8b-thr --num-prompts 64 --output-len 214 --max-model-len 4096 2>&1 | tail -1 ;;
-thrcdf) echo "gpu-thr cdf sampler: $(PAGELLM_SAMPLER_KERNEL=cdf timeout 100 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 2>&1 | tail -1)" ;;
 lat0) PAGELLM_SKINNY_GEMM=0 timeout 200 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 2>&1 | tail -1 ;;
 lat) timeout 200 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 --output-json $OUT/lat.json 2>&1 | tee $OUT/lat.log | tail -1 ;;
 start) s0=$(date +%s.%N); timeout 120 python3 benchmarks/gpu/startup.py $L > $OUT/start.log 2>&1; s1=$(date +%s.%N); python3 -c "print('gpu-start: %.1f s' % ($s1 - $s0))"; tail -1 $OUT/start.log ;;
