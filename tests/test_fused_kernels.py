@@ -11,7 +11,7 @@ from pagellm.kernels.reference import qk_norm_rope_ref, rms_norm_ref, silu_and_m
 from pagellm.kernels.triton.activation import silu_and_mul
 from pagellm.kernels.triton.rms_norm import rms_norm
 from pagellm.kernels.triton.rotary import qk_norm_rope_
-from pagellm.kernels.triton.sampling import gumbel_sample
+from pagellm.kernels.triton.gumbel_sampling import gumbel_sample
 from pagellm.layers.rotary import RotaryEmbedding
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

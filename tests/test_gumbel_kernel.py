@@ -1,4 +1,4 @@
-"""The Gumbel-max sampling kernel (kernels/triton/sampling.py): the noise transform's precision and
+"""The Gumbel-max sampling kernel (kernels/triton/gumbel_sampling.py): the noise transform's precision and
 the tile/sub-tile/chunk bookkeeping against a reference argmax over the kernel's own noise. What
 both Triton samplers must do (greedy ties, frequencies, seeds) is in tests/test_sampling_kernels.py.
 
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.sampling import _neg_log2_exponential, gumbel_sample_with
+from pagellm.kernels.triton.gumbel_sampling import _neg_log2_exponential, gumbel_sample_with
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NEG_INF = float("-inf")

@@ -1,4 +1,4 @@
-"""The Triton samplers of plain rows: what both must do (Gumbel-max, kernels/triton/sampling.py,
+"""The Triton samplers of plain rows: what both must do (Gumbel-max, kernels/triton/gumbel_sampling.py,
 and inverse CDF, kernels/triton/inverse_cdf_sampling.py): greedy ties as torch.argmax, masked tokens
 never drawn, frequencies against softmax(logits / T), a seed fixing the draw whatever the batch;
 then the inverse-CDF kernel's own crossing point against a float64 reference over the same uniform.
@@ -15,12 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton import inverse_cdf_sampling, sampling
+from pagellm.kernels.triton import gumbel_sampling, inverse_cdf_sampling
 from pagellm.kernels.triton.inverse_cdf_sampling import _first_crossing, inverse_cdf_sample_with
 from pagellm.kernels.triton.sampling_launch import launch_config
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SAMPLERS = pytest.mark.parametrize("kernels", [sampling, inverse_cdf_sampling], ids=["gumbel", "cdf"])
+SAMPLERS = pytest.mark.parametrize("kernels", [gumbel_sampling, inverse_cdf_sampling], ids=["gumbel", "cdf"])
 NEG_INF = float("-inf")
 BASE = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, NEG_INF, 1.5])
 
@@ -66,7 +66,7 @@ def test_greedy_rows_equal_torch_argmax_with_ties(kernels):
     logits = logits.to(DEVICE)
     greedy = torch.zeros(4, device=DEVICE)
     assert kernels.sample(logits, greedy, 3).tolist() == [5, 3, 100, 0]
-    with_config = sampling.gumbel_sample_with if kernels is sampling else inverse_cdf_sample_with
+    with_config = gumbel_sampling.gumbel_sample_with if kernels is gumbel_sampling else inverse_cdf_sample_with
     assert with_config(logits, greedy, 3, block=16, iters=3, num_warps=4).tolist() == [5, 3, 100, 0]
     bf16 = logits.to(torch.bfloat16)
     assert kernels.sample(bf16, greedy, 3).tolist() == bf16.float().argmax(-1).tolist()
@@ -125,7 +125,7 @@ def test_frequencies_match_softmax_and_seed_fixes_the_draw(kernels):
 @SAMPLERS
 def test_rejects_bad_input(kernels):
     logits, temperature = torch.zeros(1, 8), torch.ones(1)
-    with_config = sampling.gumbel_sample_with if kernels is sampling else inverse_cdf_sample_with
+    with_config = gumbel_sampling.gumbel_sample_with if kernels is gumbel_sampling else inverse_cdf_sample_with
     with pytest.raises(ValueError, match="block"):
         with_config(logits, temperature, 0, block=24, iters=1, num_warps=4)
     with pytest.raises(ValueError, match="iters"):
@@ -167,7 +167,7 @@ def test_the_engine_picks_the_sampler_kernel_by_environment(monkeypatch):
     monkeypatch.delenv("PAGELLM_SAMPLER_KERNEL", raising=False)
     assert triton_sampling_module() is inverse_cdf_sampling
     monkeypatch.setenv("PAGELLM_SAMPLER_KERNEL", "gumbel")
-    assert triton_sampling_module() is sampling
+    assert triton_sampling_module() is gumbel_sampling
     monkeypatch.setenv("PAGELLM_SAMPLER_KERNEL", "fast")
     with pytest.raises(ValueError, match="PAGELLM_SAMPLER_KERNEL"):
         triton_sampling_module()

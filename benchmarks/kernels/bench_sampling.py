@@ -1,4 +1,4 @@
-"""Times the Gumbel-max sampler (kernels/triton/sampling.py) against the kernel it replaced and the
+"""Times the Gumbel-max sampler (kernels/triton/gumbel_sampling.py) against the kernel it replaced and the
 inverse-CDF sampler (kernels/triton/inverse_cdf_sampling.py), and checks statistically, before
 timing, that each draws from softmax(logits / T). Run on a CUDA machine:
 
@@ -21,7 +21,7 @@ import triton.language as tl
 import triton.testing
 
 from pagellm.kernels.triton.inverse_cdf_sampling import inverse_cdf_sample
-from pagellm.kernels.triton.sampling import _reduce_chunks_kernel, gumbel_sample, gumbel_sample_with
+from pagellm.kernels.triton.gumbel_sampling import _reduce_chunks_kernel, gumbel_sample, gumbel_sample_with
 from pagellm.kernels.triton.sampling_launch import NUM_WARPS, launch_config
 
 VOCAB = 151_936  # Qwen3

@@ -300,14 +300,14 @@ def gather_logprobs(logprobs: Tensor, token_ids: Tensor, k: int) -> tuple[Tensor
 def triton_sampling_module():
     """The Triton sampler of plain rows: inverse CDF (kernels/triton/inverse_cdf_sampling.py: one
     uniform per row, 3.8x faster than Gumbel-max at 256 rows on an H200, see benchmarks/RESULTS.md)
-    or, with PAGELLM_SAMPLER_KERNEL=gumbel, Gumbel-max (kernels/triton/sampling.py: a Philox word
+    or, with PAGELLM_SAMPLER_KERNEL=gumbel, Gumbel-max (kernels/triton/gumbel_sampling.py: a Philox word
     per logit). Both modules have `sample(logits, temperature, seed)` and `compile_all`."""
     kind = os.environ.get("PAGELLM_SAMPLER_KERNEL", "cdf")
     if kind not in ("gumbel", "cdf"):
         raise ValueError(f"PAGELLM_SAMPLER_KERNEL must be 'cdf' or 'gumbel'; got {kind!r}")
     if kind == "gumbel":
-        from pagellm.kernels.triton import sampling
-        return sampling
+        from pagellm.kernels.triton import gumbel_sampling
+        return gumbel_sampling
     from pagellm.kernels.triton import inverse_cdf_sampling
     return inverse_cdf_sampling
 

@@ -1,4 +1,4 @@
-"""What the Triton samplers of plain rows share (kernels/triton/sampling.py, Gumbel-max, and
+"""What the Triton samplers of plain rows share (kernels/triton/gumbel_sampling.py, Gumbel-max, and
 kernels/triton/inverse_cdf_sampling.py): their input checks, how a batch's vocabulary is cut into
 tiles and programs, and the start-up compile of every variant a batch size can launch."""
 

@@ -1,4 +1,5 @@
-"""Triton sampling for the common case: temperature (or greedy) over the raw logits, one pass per row.
+"""Triton sampling by Gumbel-max (PAGELLM_SAMPLER_KERNEL=gumbel): temperature (or greedy) over the raw
+logits, one pass per row (the default sampler is kernels/triton/inverse_cdf_sampling.py).
 
 A row's token is argmax(logits / T + G) with G i.i.d. Gumbel(0, 1) noise: the Gumbel-max trick,
 an exact draw from softmax(logits / T). The noise comes from Philox counters (seed, row, column), so
