@@ -19,6 +19,7 @@ samptest) timeout 200 python3 -m pytest -q tests/test_sampling_kernels.py tests/
 samp) timeout 150 python3 benchmarks/kernels/bench_sampling.py --samplers new cdf 2>&1 | tee $OUT/samp.log | tail -14 ;;
 gemm) timeout 280 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 16 2>&1 | tee $OUT/gemm8b.log | sed -n '/^rows/,$p'
       timeout 200 python3 benchmarks/kernels/bench_gemm.py --model qwen3-0.6b --rows 1 16 2>&1 | tee $OUT/gemmq.log | sed -n '/^rows/,$p' ;;
+gateup) timeout 200 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 --only gate_up --top 14 $(for c in 16x16x128w4s4 16x16x256w4s4 16x16x256w4s6 16x16x512w4s3 16x32x128w4s4 16x32x256w4s4 16x32x256w4s6 16x64x128w4s4 16x64x128w4s6 16x64x256w4s4 16x128x64w4s4 16x128x128w8s4 1x16x512w4s1 1x32x256w8s1; do echo --config $c; done) 2>&1 | tee $OUT/gateup.log | sed -n '/^M=/,$p' ;;
 gemmdown) timeout 250 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 --only down --top 6 2>&1 | tee $OUT/gemmdown.log | sed -n '/^M=/,$p' ;;
 host) timeout 200 python3 benchmarks/gpu/host_profile.py $Q 2>&1 | tee $OUT/host.log | grep -v INFO | head -120 ;;
 thr1) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 --output-json $OUT/thr.json 2>&1 | tee $OUT/thr.log | grep -E "Throughput|KV cache:|captured" ;;

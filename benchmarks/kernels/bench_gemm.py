@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,15 @@ def candidate_configs(rows: int, wide: bool = False) -> list[SkinnyGemmConfig]:
         if bm * bn <= 64 * 128:
             configs.append(SkinnyGemmConfig(bm, bn, bk, 4, s))
     return configs
+
+
+def parse_config(text: str) -> SkinnyGemmConfig:
+    """A config from its str() form, e.g. 16x64x128w4s4 or 1x32x512w4s1k2 (k: split-K)."""
+    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a config like 16x64x128w4s4 or 1x32x512w4s1k2: {text!r}")
+    bm, bn, bk, warps, stages, split = (int(g) if g else 1 for g in match.groups())
+    return SkinnyGemmConfig(bm, bn, bk, warps, stages, split)
 
 
 def graph_time_us(fn, copies: int, reps: int = 10) -> float:
@@ -119,12 +129,14 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="configs listed per shape")
     parser.add_argument("--only", nargs="+", default=None, help="projections to time (qkv o gate_up down lm_head)")
     parser.add_argument("--wide", action="store_true", help="sweep the tensor-core tiles more widely (also gated)")
+    parser.add_argument("--config", type=parse_config, action="append", default=None,
+                        help="time these configs instead of the sweep (repeatable; e.g. 16x64x128w4s4)")
     args = parser.parse_args()
     dtype = torch.bfloat16
     spec = SHAPES[args.model]
     summary = []
     for rows in args.rows:
-        configs = candidate_configs(rows, args.wide)
+        configs = args.config or candidate_configs(rows, args.wide)
         for label, n, k, gated in spec["gemms"] + [spec["head"]]:
             if args.only and label not in args.only:
                 continue
