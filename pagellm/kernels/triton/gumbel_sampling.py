@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.sampling_launch import check_launch, compile_variants, sample_with_default_launch
+from pagellm.kernels.triton.sampling_launch import compile_variants, sample_with_default_launch, token_output
 
 
 @triton.jit
@@ -122,9 +122,8 @@ def gumbel_sample_with(logits: torch.Tensor, temperature: torch.Tensor, seed: in
                        num_warps: int) -> torch.Tensor:
     """gumbel_sample with an explicit launch config (benchmarks and tests; inputs as gumbel_sample's).
     `block` must be a power of two >= 16; tokens depend on it, not on `iters` or `num_warps`."""
-    check_launch(block, iters)
+    out = token_output(logits, block, iters)
     num_rows, vocab_size = logits.shape
-    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows:
         num_chunks = triton.cdiv(vocab_size, block * iters)
         best = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)

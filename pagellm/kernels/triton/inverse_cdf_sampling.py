@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.kernels.triton.sampling_launch import check_launch, compile_variants, sample_with_default_launch
+from pagellm.kernels.triton.sampling_launch import compile_variants, sample_with_default_launch, token_output
 
 
 @triton.jit
@@ -103,9 +103,8 @@ def inverse_cdf_sample_with(logits: torch.Tensor, temperature: torch.Tensor, see
                             num_warps: int) -> torch.Tensor:
     """inverse_cdf_sample with an explicit launch config (benchmarks and tests; inputs as there).
     `block` must be a power of two >= 16; tokens depend on it, not on `iters` or `num_warps`."""
-    check_launch(block, iters)
+    out = token_output(logits, block, iters)
     num_rows, vocab_size = logits.shape
-    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows:
         num_tiles = triton.cdiv(vocab_size, block)
         # Three allocations, not views of one: Triton specializes on 16-byte pointer alignment, and

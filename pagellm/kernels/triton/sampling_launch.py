@@ -42,12 +42,14 @@ def check_inputs(logits: torch.Tensor, temperature: torch.Tensor) -> None:
         raise ValueError(f"temperature must be [{logits.shape[0]}]; got {tuple(temperature.shape)}")
 
 
-def check_launch(block: int, iters: int) -> None:
-    """ValueError unless block is a power of two >= 16 and iters >= 1."""
+def token_output(logits: torch.Tensor, block: int, iters: int) -> torch.Tensor:
+    """The [S] int64 tokens tensor a launch of logits [S, V] fills; ValueError unless block is a
+    power of two >= 16 and iters >= 1."""
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16; got {block}")
     if iters < 1:
         raise ValueError(f"iters must be >= 1; got {iters}")
+    return torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
 
 
 def sample_with_default_launch(sample_with, logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
