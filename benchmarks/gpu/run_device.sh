@@ -2,8 +2,10 @@
 # One device call: correctness, then our figures, then the peers'. Logs land in $OUT.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PYTHONPATH
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+exec > >(tee $OUT/run.log) 2>&1  # everything printed also lands in $OUT: a call cut at its time limit keeps it
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site; fi
-STAGES=${STAGES:-"check kernels thr lat start peers"}
+# The default fits one 10-minute call (check + kernels alone take ~6 minutes); peers in a second call.
+STAGES=${STAGES:-"check kernels thr lat"}
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv,noheader
 # SM clock, power and temperature once a second for the whole call (gpu-8b-thr moved by 6-14% between
 # back-to-back processes in session 9, with no log of the clocks under load).
@@ -20,6 +22,9 @@ samp) timeout 150 python3 benchmarks/kernels/bench_sampling.py --samplers new cd
 gemm) timeout 280 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 16 2>&1 | tee $OUT/gemm8b.log | sed -n '/^rows/,$p'
       timeout 200 python3 benchmarks/kernels/bench_gemm.py --model qwen3-0.6b --rows 1 16 2>&1 | tee $OUT/gemmq.log | sed -n '/^rows/,$p' ;;
 gateup) timeout 200 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 --only gate_up --top 14 $(for c in 16x16x128w4s4 16x16x256w4s4 16x16x256w4s6 16x16x512w4s3 16x32x128w4s4 16x32x256w4s4 16x32x256w4s6 16x64x128w4s4 16x64x128w4s6 16x64x256w4s4 16x128x64w4s4 16x128x128w8s4 1x16x512w4s1 1x32x256w8s1; do echo --config $c; done) 2>&1 | tee $OUT/gateup.log | sed -n '/^M=/,$p' ;;
+deep) C() { for c in "$@"; do echo --config $c; done; }  # deeper weight pipelines than the s3-s5 of the wide sweep (shared memory checked offline)
+      timeout 200 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 --only qkv o --top 12 $(C 16x64x256w4s4 16x64x256w4s5 16x64x256w4s6 16x64x128w4s8 16x64x128w4s10 16x32x256w4s8 16x64x512w4s3 16x32x256w4s5 16x32x256w4s7 16x32x256w4s9 16x32x512w4s4 16x32x128w4s12) 2>&1 | tee $OUT/deep.log | sed -n '/^M=/,$p' ;;
+latab) for v in ${AB:-BASE=1 PAGELLM_SKINNY_GEMM=0 BASE=1 PAGELLM_SKINNY_GEMM=0}; do echo "gpu-lat $v: $(env ${v//,/ } timeout 150 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 2>&1 | tail -1)"; done ;;
 gemmdown) timeout 250 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 --only down --top 6 2>&1 | tee $OUT/gemmdown.log | sed -n '/^M=/,$p' ;;
 host) timeout 200 python3 benchmarks/gpu/host_profile.py $Q 2>&1 | tee $OUT/host.log | grep -v INFO | head -120 ;;
 thr1) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 --output-json $OUT/thr.json 2>&1 | tee $OUT/thr.log | grep -E "Throughput|KV cache:|captured" ;;
