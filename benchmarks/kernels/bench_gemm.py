@@ -24,10 +24,13 @@ from pagellm.kernels.triton.skinny_gemm import SkinnyGemmConfig, select_config, 
 SHAPES = {
     "llama-8b": dict(layers=32, gemms=[("qkv", 6144, 4096, False), ("o", 4096, 4096, False),
                                        ("gate_up", 28672, 4096, False), ("down", 4096, 14336, True)],
-                     head=("lm_head", 128256, 4096, False)),
+                     head=("lm_head", 128256, 4096, False),
+                     # Only with --only: down_proj on an input already activated (SiLU-and-mul done before).
+                     extra=[("down_act", 4096, 14336, False)]),
     "qwen3-0.6b": dict(layers=28, gemms=[("qkv", 4096, 1024, False), ("o", 1024, 2048, False),
                                          ("gate_up", 6144, 1024, False), ("down", 1024, 3072, True)],
-                       head=("lm_head", 151936, 1024, False)),
+                       head=("lm_head", 151936, 1024, False),
+                       extra=[("down_act", 1024, 3072, False)]),
 }
 MIN_BYTES = 512 << 20
 
@@ -127,7 +130,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(SHAPES), default="llama-8b")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--top", type=int, default=3, help="configs listed per shape")
-    parser.add_argument("--only", nargs="+", default=None, help="projections to time (qkv o gate_up down lm_head)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="projections to time (qkv o gate_up down lm_head; down_act only when named)")
     parser.add_argument("--wide", action="store_true", help="sweep the tensor-core tiles more widely (also gated)")
     parser.add_argument("--config", type=parse_config, action="append", default=None,
                         help="time these configs instead of the sweep (repeatable; e.g. 16x64x128w4s4)")
@@ -137,8 +141,8 @@ def main() -> None:
     summary = []
     for rows in args.rows:
         configs = args.config or candidate_configs(rows, args.wide)
-        for label, n, k, gated in spec["gemms"] + [spec["head"]]:
-            if args.only and label not in args.only:
+        for label, n, k, gated in spec["gemms"] + [spec["head"]] + spec["extra"]:
+            if (label not in args.only) if args.only else any(label == e[0] for e in spec["extra"]):
                 continue
             results = bench_shape(n, k, gated, rows, configs, dtype, args.wide)
             base_name, base = results[0]
