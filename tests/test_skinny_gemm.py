@@ -99,6 +99,27 @@ def test_select_config_rules():
     assert select_config(4, 64, 64, torch.device("cpu")).block_m == 16     # the interpreter: always
 
 
+def test_config_parse_round_trips_and_tile_overrides_apply(monkeypatch):
+    from pagellm.kernels.triton import skinny_gemm as module
+    for config in (SkinnyGemmConfig(16, 64, 256, num_stages=6), SkinnyGemmConfig(1, 32, 512, 8, 1, split_k=2)):
+        assert SkinnyGemmConfig.parse(str(config)) == config
+    for bad in ("16x64x256", "16x64x256w4s4k", "16x24x256w4s4"):
+        with pytest.raises(ValueError):
+            SkinnyGemmConfig.parse(bad)
+    overrides = module.parse_tile_overrides(" 6144x4096=16x64x256w4s6, 4096x14336=1x32x512w4s1k2,")
+    assert overrides == {(6144, 4096): SkinnyGemmConfig(16, 64, 256, num_stages=6),
+                         (4096, 14336): SkinnyGemmConfig(1, 32, 512, num_stages=1, split_k=2)}
+    with pytest.raises(ValueError, match="NxK=config"):
+        module.parse_tile_overrides("6144=16x64x256w4s6")
+    monkeypatch.setattr(module, "_TILE_OVERRIDES", overrides)
+    cuda = torch.device("cuda")
+    assert select_config(16, 6144, 4096, cuda) == SkinnyGemmConfig(16, 64, 256, num_stages=6)
+    assert select_config(1, 4096, 14336, cuda).split_k == 2
+    assert select_config(2, 4096, 14336, cuda) is None                 # a one-row config, two rows: cuBLAS
+    assert select_config(1, 4096, 14336, cuda, gated=True) is None     # gated: SiluAndMul, then the override
+    assert select_config(4, 64, 64, torch.device("cpu")).block_k == 32  # the interpreter keeps its tiles
+
+
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

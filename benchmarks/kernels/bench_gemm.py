@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import re
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +55,6 @@ def candidate_configs(rows: int, wide: bool = False) -> list[SkinnyGemmConfig]:
         if bm * bn <= 64 * 128:
             configs.append(SkinnyGemmConfig(bm, bn, bk, 4, s))
     return configs
-
-
-def parse_config(text: str) -> SkinnyGemmConfig:
-    """A config from its str() form, e.g. 16x64x128w4s4 or 1x32x512w4s1k2 (k: split-K)."""
-    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a config like 16x64x128w4s4 or 1x32x512w4s1k2: {text!r}")
-    bm, bn, bk, warps, stages, split = (int(g) if g else 1 for g in match.groups())
-    return SkinnyGemmConfig(bm, bn, bk, warps, stages, split)
 
 
 def graph_time_us(fn, copies: int, reps: int = 10) -> float:
@@ -133,7 +123,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None,
                         help="projections to time (qkv o gate_up down lm_head; down_act only when named)")
     parser.add_argument("--wide", action="store_true", help="sweep the tensor-core tiles more widely (also gated)")
-    parser.add_argument("--config", type=parse_config, action="append", default=None,
+    parser.add_argument("--config", type=SkinnyGemmConfig.parse, action="append", default=None,
                         help="time these configs instead of the sweep (repeatable; e.g. 16x64x128w4s4)")
     args = parser.parse_args()
     dtype = torch.bfloat16

@@ -20,6 +20,7 @@ software pipeline (num_stages), so even a 4096-wide output spreads over every SM
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,34 @@ class SkinnyGemmConfig:
     def __str__(self) -> str:
         text = f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
         return text + (f"k{self.split_k}" if self.split_k > 1 else "")
+
+    @classmethod
+    def parse(cls, text: str) -> SkinnyGemmConfig:
+        """The config that str() prints as `text`, e.g. 16x64x128w4s4 or 1x32x512w4s1k2 (k: split-K)."""
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?", text.strip())
+        if match is None:
+            raise ValueError(f"not a skinny-GEMM config like 16x64x128w4s4 or 1x32x512w4s1k2: {text!r}")
+        bm, bn, bk, warps, stages, split = (int(g) if g else 1 for g in match.groups())
+        return cls(bm, bn, bk, warps, stages, split)
+
+
+def parse_tile_overrides(text: str) -> dict[tuple[int, int], SkinnyGemmConfig]:
+    """PAGELLM_SKINNY_TILES' format: comma-separated NxK=config entries, e.g.
+    "6144x4096=16x64x256w4s6,4096x4096=16x32x256w4s9" -> {(6144, 4096): ..., (4096, 4096): ...}."""
+    overrides = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        shape, sep, config = entry.partition("=")
+        match = re.fullmatch(r"(\d+)x(\d+)", shape.strip())
+        if not sep or match is None:
+            raise ValueError(f"PAGELLM_SKINNY_TILES entries are NxK=config (e.g. 4096x4096=16x32x256w4s5); got {entry!r}")
+        overrides[(int(match[1]), int(match[2]))] = SkinnyGemmConfig.parse(config)
+    return overrides
+
+
+# Tiles for given weight shapes [N, K] instead of select_config's rules, for tuning on a new GPU
+# without editing them: PAGELLM_SKINNY_TILES="6144x4096=16x64x256w4s6,...". Read once, at import.
+# A SiLU-gated product of a listed shape runs as SiluAndMul, then the listed plain product.
+_TILE_OVERRIDES = parse_tile_overrides(os.environ.get("PAGELLM_SKINNY_TILES", ""))
 
 
 @triton.jit
@@ -341,10 +370,16 @@ def select_config(num_rows: int, n: int, k: int, device: torch.device,
     (8B: 238 vs 256 us), on projections up to ~32M weights (8B o_proj 11.6 vs 13.2 us) and most on
     narrow outputs, with split-K (Qwen3 o_proj 4.9 vs 12.6 us; its gated down_proj 6.0 us against
     9.0 us for cuBLAS plus the SiLU kernel); cuBLAS streams the large MLP weights as fast or
-    faster (8B gate_up 56.9 vs 58.5 us). PAGELLM_SKINNY_GEMM=0 turns the kernel off (None always).
+    faster (8B gate_up 56.9 vs 58.5 us). PAGELLM_SKINNY_GEMM=0 turns the kernel off (None always);
+    PAGELLM_SKINNY_TILES sets the tiles of given shapes on CUDA (parse_tile_overrides).
     """
     if num_rows > MAX_SKINNY_ROWS or num_rows == 0 or not _ENABLED:
         return None
+    override = _TILE_OVERRIDES.get((n, k)) if device.type == "cuda" else None
+    if override is not None:
+        # The override names the plain product's tiles; a SiLU-gated one is left to SiluAndMul
+        # followed by that product.
+        return None if gated or (override.block_m == 1 and num_rows > 1) else override
     if device.type != "cuda":
         # The CPU interpreter (tests): small tiles, so small shapes still cross tile edges, and wide
         # strips for wide outputs (an LM head), since the interpreter pays per program.
