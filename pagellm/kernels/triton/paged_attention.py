@@ -97,12 +97,15 @@ def _tile_pages(block_table_row, start, kv_end, BLOCK_N: tl.constexpr, PAGE_SIZE
 @triton.jit
 def _load_kv(k_cache_ptr, v_cache_ptr, pages, start, lo, hi, kv_head, offs_d, d_valid,
              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, k_other, v_other,
-             BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    # ([N, Dp], [N, Dp]): keys and values of positions [start, start + BLOCK_N) that lie in [lo, hi);
-    # the other rows are k_other / v_other.
+             BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, FROM_LO: tl.constexpr):
+    # ([N, Dp], [N, Dp]): keys and values of positions [start, start + BLOCK_N) below hi (and, with
+    # FROM_LO, from lo on); the other rows are k_other / v_other.
     offs_n = start + tl.arange(0, BLOCK_N)                                       # [N] key positions
     in_page = offs_n % PAGE_SIZE
-    kv_mask = ((offs_n >= lo) & (offs_n < hi))[:, None] & d_valid[None, :]
+    rows = offs_n < hi
+    if FROM_LO:
+        rows = rows & (offs_n >= lo)
+    kv_mask = rows[:, None] & d_valid[None, :]
     k = tl.load(k_cache_ptr + pages[:, None] * stride_kb + in_page[:, None] * stride_ks
                 + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=k_other)   # [N, Dp]
     v = tl.load(v_cache_ptr + pages[:, None] * stride_vb + in_page[:, None] * stride_vs
@@ -116,14 +119,14 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, pages, start, kv_end, kv_head, q_p
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
                  USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                 k_early, v_early, fresh_from):
+                 k_early, v_early, fresh_from, EARLY: tl.constexpr):
     # One online-softmax step over the keys [start, start + BLOCK_N) ∩ [.., kv_end), pages from
-    # _tile_pages. Positions before fresh_from come from k_early / v_early (loaded already).
+    # _tile_pages. With EARLY, positions before fresh_from come from k_early / v_early (loaded already).
     offs_n = start + tl.arange(0, BLOCK_N)                                       # [N] key positions
     n_valid = offs_n < kv_end
     k, v = _load_kv(k_cache_ptr, v_cache_ptr, pages, start, fresh_from, kv_end, kv_head, offs_d, d_valid,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, k_early, v_early,
-                    BLOCK_N, PAGE_SIZE)
+                    BLOCK_N, PAGE_SIZE, EARLY)
     p_dtype = v_cache_ptr.dtype.element_ty  # P is rounded to the cache dtype for P @ V, as on the GPU
     if DOT_IN_FP32:
         k = k.to(tl.float32)
@@ -220,7 +223,7 @@ def _paged_attention_kernel(
         # step's tokens are written by the kernel before (the K/V store after the qkv product).
         k_early, v_early = _load_kv(k_cache_ptr, v_cache_ptr, first_pages, kv_start, kv_start, context_len,
                                     kv_head, offs_d, d_valid, stride_kb, stride_ks, stride_kh, stride_vb,
-                                    stride_vs, stride_vh, 0.0, 0.0, BLOCK_N, PAGE_SIZE)
+                                    stride_vs, stride_vh, 0.0, 0.0, BLOCK_N, PAGE_SIZE, False)
         fresh_from = context_len
     else:
         k_early, v_early, fresh_from = 0.0, 0.0, kv_start
@@ -252,14 +255,14 @@ def _paged_attention_kernel(
         q, k_cache_ptr, v_cache_ptr, first_pages, kv_start, kv_end, kv_head, q_pos, offs_d, d_valid,
         m_i, l_i, acc, scale, soft_cap, sliding_window, stride_kb, stride_ks, stride_kh, stride_vb,
         stride_vs, stride_vh, BLOCK_N, PAGE_SIZE, USE_WINDOW, USE_SOFT_CAP, DOT_PRECISION, DOT_IN_FP32,
-        k_early, v_early, fresh_from)
+        k_early, v_early, fresh_from, EARLY_KV)
     for start in range(kv_start + BLOCK_N, kv_end, BLOCK_N):
         pages = _tile_pages(block_table_row, start, kv_end, BLOCK_N, PAGE_SIZE)
         m_i, l_i, acc = _attend_tile(
             q, k_cache_ptr, v_cache_ptr, pages, start, kv_end, kv_head, q_pos, offs_d, d_valid,
             m_i, l_i, acc, scale, soft_cap, sliding_window, stride_kb, stride_ks, stride_kh, stride_vb,
             stride_vs, stride_vh, BLOCK_N, PAGE_SIZE, USE_WINDOW, USE_SOFT_CAP, DOT_PRECISION, DOT_IN_FP32,
-            0.0, 0.0, start)
+            0.0, 0.0, start, False)
 
     release_dependents(USE_PDL)
     # A row that saw no key (empty sequence, or an empty split) has l_i == 0: output zeros.
