@@ -116,7 +116,8 @@ def test_config_parse_round_trips_and_tile_overrides_apply(monkeypatch):
     assert select_config(16, 6144, 4096, cuda) == SkinnyGemmConfig(16, 64, 256, num_stages=6)
     assert select_config(1, 4096, 14336, cuda).split_k == 2
     assert select_config(2, 4096, 14336, cuda) is None                 # a one-row config, two rows: cuBLAS
-    assert select_config(1, 4096, 14336, cuda, gated=True) is None     # gated: SiluAndMul, then the override
+    assert select_config(1, 4096, 14336, cuda, gated=True).split_k == 2
+    assert select_config(16, 6144, 4096, cuda, gated=True) is None     # gated rows: SiluAndMul, then the override
     assert select_config(4, 64, 64, torch.device("cpu")).block_k == 32  # the interpreter keeps its tiles
 
 

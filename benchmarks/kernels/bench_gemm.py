@@ -81,7 +81,7 @@ def graph_time_us(fn, copies: int, reps: int = 10) -> float:
 
 
 def bench_shape(n: int, k: int, gated: bool, rows: int, configs: list[SkinnyGemmConfig], dtype,
-                wide: bool = False) -> list:
+                keep_tensor_core: bool = False) -> list:
     copies = max(2, -(-MIN_BYTES // (n * k * 2)))
     weights = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
     x = torch.randn(rows, 2 * k if gated else k, device="cuda", dtype=dtype)
@@ -95,7 +95,7 @@ def bench_shape(n: int, k: int, gated: bool, rows: int, configs: list[SkinnyGemm
         results[0] = ("cublas+silu", graph_time_us(lambda i: F.linear(silu_and_mul(x), weights[i]), copies))
         act_in = silu_and_mul(x)
         print(f"  cublas alone (SiLU done before): {graph_time_us(lambda i: F.linear(act_in, weights[i]), copies):.1f} us")
-    if gated and not wide:
+    if gated and not keep_tensor_core:
         # Every program re-reads (and re-activates) all of x: only one row on the FMA path pays.
         configs = [c for c in configs if c.block_m == 1]
     for config in configs:
@@ -134,7 +134,8 @@ def main() -> None:
         for label, n, k, gated in spec["gemms"] + [spec["head"]] + spec["extra"]:
             if (label not in args.only) if args.only else any(label == e[0] for e in spec["extra"]):
                 continue
-            results = bench_shape(n, k, gated, rows, configs, dtype, args.wide)
+            # Gated products keep tensor-core tiles in the wide sweep and when named with --config.
+            results = bench_shape(n, k, gated, rows, configs, dtype, args.wide or bool(args.config))
             base_name, base = results[0]
             ranked = sorted((r for r in results[1:] if r[1] == r[1]), key=lambda r: r[1])
             chosen = select_config(rows, n, k, torch.device("cuda"), gated=gated)

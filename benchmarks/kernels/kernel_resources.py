@@ -92,7 +92,8 @@ def skinny_report() -> None:
             continue
         constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                          SPLIT_K=config.split_k, PARTIAL_ROWS=sg.MAX_SKINNY_ROWS, EVEN_K=k % config.block_k == 0,
-                         GATED=gated, HAS_BIAS=False, USE_DOT=config.block_m > 1, DOT_PRECISION="tf32",
+                         GATED=gated, GATED_ONE_ROW=gated and config.block_m > 1, HAS_BIAS=False,
+                         USE_DOT=config.block_m > 1, DOT_PRECISION="tf32",
                          DOT_IN_FP32=False, ROPE_HALF=64 if label == "qkv" else 0, WRITE_CACHE=label == "qkv",
                          PAGE_SIZE=16, USE_PDL=True)
         programs = triton.cdiv(n, config.block_n) * config.split_k

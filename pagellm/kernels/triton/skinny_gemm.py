@@ -85,19 +85,32 @@ def parse_tile_overrides(text: str) -> dict[tuple[int, int], SkinnyGemmConfig]:
 
 # Tiles for given weight shapes [N, K] instead of select_config's rules, for tuning on a new GPU
 # without editing them: PAGELLM_SKINNY_TILES="6144x4096=16x64x256w4s6,...". Read once, at import.
-# A SiLU-gated product of a listed shape runs as SiluAndMul, then the listed plain product.
+# A SiLU-gated product of a listed shape takes the tiles at one row; at more rows it runs as
+# SiluAndMul, then the listed plain product.
 _TILE_OVERRIDES = parse_tile_overrides(os.environ.get("PAGELLM_SKINNY_TILES", ""))
 
 
 @triton.jit
-def _load_input(x_rows, ks, mask, K, GATED: tl.constexpr):
-    # [BM, BK] tile of the kernel's input: x itself, or silu(gate) * up from [gate | up].
+def _silu_and_mul(gate, up):
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # SiLU rounded to the model's dtype first
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
+def _load_input(x_rows, x_ptr, ks, mask, K, GATED: tl.constexpr, ONE_ROW: tl.constexpr):
+    # [BM, BK] tile of the kernel's input: x itself, or silu(gate) * up from [gate | up]. ONE_ROW
+    # (a gated tile of one row of x, padded for tensor cores): the activation of row 0 only, the
+    # padding rows zeros, instead of BM rows of SiLU.
+    if GATED and ONE_ROW:
+        k_valid = ks < K                                                              # [BK]
+        act = _silu_and_mul(tl.load(x_ptr + ks, mask=k_valid, other=0.0),
+                            tl.load(x_ptr + K + ks, mask=k_valid, other=0.0))        # [BK]
+        first_row = tl.arange(0, x_rows.shape[0]) == 0                                # [BM]
+        return tl.where(first_row[:, None], act[None, :], 0.0).to(act.dtype)
     if GATED:
-        gate = tl.load(x_rows + ks[None, :], mask=mask, other=0.0)
-        up = tl.load(x_rows + K + ks[None, :], mask=mask, other=0.0)
-        g = gate.to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # SiLU rounded to the model's dtype first
-        return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+        return _silu_and_mul(tl.load(x_rows + ks[None, :], mask=mask, other=0.0),
+                             tl.load(x_rows + K + ks[None, :], mask=mask, other=0.0))
     return tl.load(x_rows + ks[None, :], mask=mask, other=0.0)
 
 
@@ -110,7 +123,8 @@ def _skinny_gemm_kernel(
     stride_cs, stride_cache_block, stride_cache_slot, stride_cache_head, num_q_heads, num_kv_heads,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PARTIAL_ROWS: tl.constexpr,
-    EVEN_K: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr, GATED: tl.constexpr, GATED_ONE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ROPE_HALF: tl.constexpr, WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
@@ -149,11 +163,11 @@ def _skinny_gemm_kernel(
         ks = k0 + offs_k                                             # [BK]
         if EVEN_K:
             w = tl.load(w_rows + ks[None, :])                                          # [BN, BK]
-            a = _load_input(x_rows, ks, m_valid[:, None], K, GATED)                    # [BM, BK]
+            a = _load_input(x_rows, x_ptr, ks, m_valid[:, None], K, GATED, GATED_ONE_ROW)  # [BM, BK]
         else:
             k_valid = ks < K
             w = tl.load(w_rows + ks[None, :], mask=k_valid[None, :], other=0.0)
-            a = _load_input(x_rows, ks, m_valid[:, None] & k_valid[None, :], K, GATED)
+            a = _load_input(x_rows, x_ptr, ks, m_valid[:, None] & k_valid[None, :], K, GATED, GATED_ONE_ROW)
         if USE_DOT:
             if DOT_IN_FP32:
                 a = a.to(tl.float32)
@@ -344,6 +358,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, PARTIAL_ROWS=MAX_SKINNY_ROWS,
         EVEN_K=k % config.block_k == 0, GATED=gated, HAS_BIAS=bias is not None,
+        GATED_ONE_ROW=gated and num_rows == 1 and config.block_m > 1,
         USE_DOT=config.block_m > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=x.device.type != "cuda" and x.dtype != torch.float32,
@@ -377,9 +392,9 @@ def select_config(num_rows: int, n: int, k: int, device: torch.device,
         return None
     override = _TILE_OVERRIDES.get((n, k)) if device.type == "cuda" else None
     if override is not None:
-        # The override names the plain product's tiles; a SiLU-gated one is left to SiluAndMul
-        # followed by that product.
-        return None if gated or (override.block_m == 1 and num_rows > 1) else override
+        # SiLU-gated products take it at one row (where the kernel activates that row only); at
+        # more rows they run as SiluAndMul followed by the plain product, which takes it.
+        return None if (gated or override.block_m == 1) and num_rows > 1 else override
     if device.type != "cuda":
         # The CPU interpreter (tests): small tiles, so small shapes still cross tile edges, and wide
         # strips for wide outputs (an LM head), since the interpreter pays per program.
