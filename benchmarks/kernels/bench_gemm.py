@@ -129,10 +129,12 @@ def main() -> None:
     dtype = torch.bfloat16
     spec = SHAPES[args.model]
     summary = []
+    # The step's products unless --only names some (the extra shapes only then).
+    wanted = args.only or [g[0] for g in spec["gemms"]] + [spec["head"][0]]
     for rows in args.rows:
         configs = args.config or candidate_configs(rows, args.wide)
         for label, n, k, gated in spec["gemms"] + [spec["head"]] + spec["extra"]:
-            if (label not in args.only) if args.only else any(label == e[0] for e in spec["extra"]):
+            if label not in wanted:
                 continue
             # Gated products keep tensor-core tiles in the wide sweep and when named with --config.
             results = bench_shape(n, k, gated, rows, configs, dtype, args.wide or bool(args.config))
