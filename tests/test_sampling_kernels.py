@@ -122,6 +122,20 @@ def test_frequencies_match_softmax_and_seed_fixes_the_draw(kernels):
     assert not torch.equal(kernels.sample(logits[:60], temps[:60], 12).cpu(), head)
 
 
+def test_a_seed_in_device_memory_draws_as_the_same_seed_by_value():
+    # A CUDA graph holds the sampler with its seed in a device tensor, rewritten before each replay.
+    rows = 300
+    logits = BASE.expand(rows, -1).to(DEVICE)
+    temps = torch.full((rows,), 0.9, device=DEVICE)
+    temps[::7] = 0.0  # greedy rows among them
+    seed = torch.tensor([12345], dtype=torch.int64, device=DEVICE)
+    tokens = inverse_cdf_sampling.sample_in_graph(logits, temps, seed)
+    assert torch.equal(tokens, inverse_cdf_sampling.sample(logits, temps, 12345))
+    seed.fill_(54321)
+    assert torch.equal(inverse_cdf_sampling.sample_in_graph(logits, temps, seed),
+                       inverse_cdf_sampling.sample(logits, temps, 54321))
+
+
 @SAMPLERS
 def test_rejects_bad_input(kernels):
     logits, temperature = torch.zeros(1, 8), torch.ones(1)

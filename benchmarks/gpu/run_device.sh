@@ -11,7 +11,11 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.max.sm,clocks.max.me
 # back-to-back processes in session 9, with no log of the clocks under load).
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
   --format=csv,noheader -l 1 > $OUT/clocks.csv 2>&1 & CLOCKS=$!
-Q=benchmarks/configs/qwen3-0.6b; L=benchmarks/configs/llama-3.1-8b
+Q=$PWD/benchmarks/configs/qwen3-0.6b; L=$PWD/benchmarks/configs/llama-3.1-8b
+# An A/B variant: "VAR=value+VAR2=value" sets variables; BASEDIR=dir runs the pagellm package found there
+# (e.g. a copy of an older commit's, `git archive <commit> pagellm | tar -x -C dir`) instead of this one.
+variant() { local v=$1 dir=$PWD; shift; [[ $v == BASEDIR=* ]] && dir=$PWD/${v#BASEDIR=}; (cd $dir && PYTHONPATH=$dir:$PYTHONPATH env ${v//+/ } "$@"); }
+R=$PWD
 for s in $STAGES; do case $s in
 check) timeout 240 python3 benchmarks/gpu/check_backends.py 2>&1 | tee $OUT/check.log | grep -E "PASS|FAIL|Error|error" ;;
 kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py tests/test_skinny_gemm.py tests/test_gumbel_kernel.py tests/test_sampling_kernels.py tests/test_decode_graph_inputs.py 2>&1 | tail -3 ;;
@@ -25,7 +29,11 @@ gateup) timeout 200 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --
 deep) C() { for c in "$@"; do echo --config $c; done; }  # deeper weight pipelines than the s3-s5 of the wide sweep (shared memory checked offline)
       timeout 200 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 --only qkv o --top 12 $(C 16x64x256w4s4 16x64x256w4s5 16x64x256w4s6 16x64x128w4s8 16x64x128w4s10 16x32x256w4s8 16x64x512w4s3 16x32x256w4s5 16x32x256w4s7 16x32x256w4s9 16x32x512w4s4 16x32x128w4s12) 2>&1 | tee $OUT/deep.log | sed -n '/^M=/,$p'
       timeout 200 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 --only down down_act --top 8 $(C 16x32x256w4s5 16x32x256w4s7 16x32x256w4s9 16x16x256w4s8 16x16x512w4s5 16x32x128w4s12 1x32x512w4s1k2) 2>&1 | tee $OUT/deep_down.log | sed -n '/^M=/,$p' ;;
-latab) for v in ${AB:-BASE=1 PAGELLM_SKINNY_GEMM=0 BASE=1 PAGELLM_SKINNY_GEMM=0}; do echo "gpu-lat $v: $(env ${v//+/ } timeout 150 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 2>&1 | tail -1)"; done ;;
+latab) i=0; for v in ${AB:-BASE=1 PAGELLM_SKINNY_GEMM=0 BASE=1 PAGELLM_SKINNY_GEMM=0}; do i=$((i+1)); variant $v timeout 150 python3 -m pagellm.benchmarks.latency --model $L --load-format dummy --dtype bfloat16 --input-len 512 --output-len 128 --num-iters 3 --max-model-len 4096 --output-json $OUT/latab$i.json > $OUT/latab$i.log 2>&1
+       echo "gpu-lat $v: TPOT $(python3 -c "import json; r = json.load(open('$OUT/latab$i.json')); print('%.3f ms (%s)' % (r['tpot_ms_median'], ' '.join('%.3f' % t for t in r['tpot_ms_all'])))" 2>&1 | tail -1)"; done ;;
+profab) i=0; for v in ${AB:-BASE=1}; do i=$((i+1)); mkdir -p $OUT/prof$i; echo "== profile $v"
+        OUT=$OUT/prof$i variant $v timeout 200 python3 $R/benchmarks/gpu/profile_steps.py $L --latency --windows 40:60 > $OUT/prof$i/log 2>&1
+        python3 benchmarks/gpu/trace_gaps.py $OUT/prof$i/window0_steps40-60.json.gz --top 10; done ;;
 gemmdown) timeout 250 python3 benchmarks/kernels/bench_gemm.py --model llama-8b --rows 1 --only down --top 6 2>&1 | tee $OUT/gemmdown.log | sed -n '/^M=/,$p' ;;
 host) timeout 200 python3 benchmarks/gpu/host_profile.py $Q 2>&1 | tee $OUT/host.log | grep -v INFO | head -120 ;;
 thr1) timeout 200 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 --output-json $OUT/thr.json 2>&1 | tee $OUT/thr.log | grep -E "Throughput|KV cache:|captured" ;;
@@ -48,7 +56,7 @@ splits) timeout 200 python3 benchmarks/kernels/bench_attention.py --num-heads 16
 fused) timeout 200 python3 -m pytest -q tests/test_fused_kernels.py tests/test_sampler.py 2>&1 | tail -2 ;;
 mixed) timeout 150 python3 benchmarks/kernels/bench_mixed_attention.py --decodes 0 100 200 --config 128x32x8x2 --config 64x32x4x2 --config 64x64x4x2 2>&1 | tee $OUT/mixed.log ;;
 pfx) for f in "" --no-enable-prefix-caching; do timeout 120 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload shared-prefix --max-model-len 4096 $f 2>&1 | grep Throughput; done ;;
-ab7) for i in 1 2; do for v in "" ${AB:-PAGELLM_PAD_LOGIT_ROWS=0 PAGELLM_PDL=all}; do echo "gpu-thr ${v:-default}: $(env $v timeout 100 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 2>&1 | tail -1)"; done; done ;;
+ab7) for i in 1 2; do for v in BASE=1 ${AB:-PAGELLM_PAD_LOGIT_ROWS=0 PAGELLM_PDL=all}; do echo "gpu-thr $v: $(variant $v timeout 100 python3 -m pagellm.benchmarks.throughput --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 2>&1 | tail -1)"; done; done ;;
 peers8b) timeout 150 python3 benchmarks/gpu/hf_peer.py throughput --config $L --workload gpu-8b-thr --num-prompts 64 --output-len 214 2>&1 | tail -1 ;;
 peers) timeout 150 python3 benchmarks/gpu/hf_peer.py throughput --config $Q --num-prompts 64 --output-len 512 2>&1 | tail -1
        timeout 100 python3 benchmarks/gpu/hf_peer.py latency --config $L 2>&1 | tail -1 ;;

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from pagellm.sampling_params import SamplingParams
 
-__all__ = ["SamplingBatch", "SamplerOutput", "Sampler", "gather_logprobs", "make_generator"]
+__all__ = ["SamplingBatch", "SamplerOutput", "Sampler", "gather_logprobs", "make_generator", "samples_plainly"]
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -61,6 +61,17 @@ def uses_penalty(params: SamplingParams) -> bool:
     """Whether a repetition, frequency or presence penalty changes this request's logits."""
     return (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
             or params.presence_penalty != 0.0)
+
+
+def samples_plainly(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether a request's next token is a plain greedy or temperature draw: no logprobs, logit
+    bias, penalties, active min_tokens, truncation (top-k, top-p, min-p) or seeded draws. A batch of
+    such rows is what the Triton sampler (and a decode graph that samples) handles alone."""
+    if (params.logprobs is not None or params.logit_bias or uses_penalty(params)
+            or num_output_tokens < params.min_tokens):
+        return False
+    return params.is_greedy or (params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0
+                                and params.seed is None)
 
 
 # Stands in for the history of a row without penalties; an array so the fast path holds.

@@ -1,23 +1,27 @@
-"""CUDA graphs for decode steps: one graph per bucketed batch size, all in one memory pool.
+"""CUDA graphs for decode steps: one graph per bucketed batch size and staging slot, all in one
+memory pool.
 
 A decode step at batch b replays the graph of the smallest bucket >= b; the extra rows are
 padding (slot -1, so nothing is written to the cache, and their outputs are ignored). A graph
-reads its inputs from static buffers, so a replay is: copy inputs in, replay, read logits out.
+reads its inputs from static buffers, so a replay is: fill the inputs, replay, read the outputs.
 
-The inputs go in with one host-to-device copy (each copy costs a few microseconds of device time
-plus a gap, whatever its size). A step's inputs are packed into a pinned byte buffer laid out
-exactly like the graphs' static device buffer (DecodeInputLayout), and the bytes the step uses are
-copied at once. Two inputs cannot be copied straight into place, so the graph finishes them with a
-one-program-per-row kernel (kernels/triton/decode_inputs.py) before the model runs:
+The inputs are packed by the host into a pinned byte buffer laid out exactly like the graphs'
+static device buffer (DecodeInputLayout). The GPU reads pinned memory directly, so no copy runs
+between two replays (each copy costs a few microseconds of device time plus the switch from
+kernels to the copy engine and back): the graph's first kernel (kernels/triton/decode_inputs.py)
+loads the step's rows from the host buffer, spreads the block tables out to the fixed row stride
+attention reads, and takes tokens that the previous step sampled and the host has not read from
+that step's output on the device (their input_ids travel as -1, with the row to take; the header
+carries the output tensor's address).
 
-- block tables: attention reads [max_batch, max_blocks_per_seq] with a fixed row stride, but a
-  step's tables are only `width` blocks wide; they travel packed [size, width] and are spread out.
-- tokens that the previous step sampled and the host has not read: their input_ids travel as -1,
-  with the row of the previous step's output tensor holding them; the header carries that tensor's
-  address (it lives on the device, in the same stream, so the graph reads it in order).
+With a sampler, the graph ends in sampling too (greedy or temperature rows; the seed and the
+temperatures are inputs like the rest), so the step's tokens come out of the graph with no launch
+after it. Other steps sample its logits outside, as before.
 
-Two pinned buffers alternate (worker/staging.py), and one is refilled only after the event recorded
-behind its last copy has fired: the host packs step N + 1 while step N's copy may still be reading.
+Two pinned buffers alternate, and each has its own graphs (a graph reads a fixed address) and its
+own outputs: the host packs step N + 1 while step N runs, and step N's sampled tokens are read
+back while step N + 1 runs. A buffer and its outputs are reused only after the events the step
+that last used them recorded (its replay, its outputs' read-back) have fired.
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from pagellm.layers.attention.backend import AttentionMetadata
-from pagellm.worker.staging import StagingBuffers
+
+if TYPE_CHECKING:
+    from pagellm.kernels.triton.sampling_launch import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +59,21 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class DecodeInputs(NamedTuple):
     """Typed views of one packed buffer (torch tensors on the device, numpy arrays on the host)."""
 
-    header: torch.Tensor | np.ndarray        # [2] int64: previous sampled tokens' address (0: none), width
+    header: torch.Tensor | np.ndarray        # [4] int64: previous sampled tokens' address (0: none), width,
+    #                                          sampling seed in [0, 2**31), unused
     input_ids: torch.Tensor | np.ndarray     # [n] int64; -1: take previous_sampled[prev_rows[row]]
     positions: torch.Tensor | np.ndarray     # [n] int64
     slot_mapping: torch.Tensor | np.ndarray  # [n] int64; -1 on padding rows
     prev_rows: torch.Tensor | np.ndarray     # [n] int64; read only where input_ids is -1
+    temperature: torch.Tensor | np.ndarray   # [n] float32; 0: greedy (also on padding rows)
     seq_lens: torch.Tensor | np.ndarray      # [n] int32; 1 on padding rows
     seq_order: torch.Tensor | np.ndarray     # [n] int32: rows longest first (attention's program order)
     tables: torch.Tensor | np.ndarray        # [n * max_blocks] int32; first size * width: [size, width]
 
 
 _REGIONS = (("header", torch.int64), ("input_ids", torch.int64), ("positions", torch.int64),
-            ("slot_mapping", torch.int64), ("prev_rows", torch.int64), ("seq_lens", torch.int32),
+            ("slot_mapping", torch.int64), ("prev_rows", torch.int64), ("temperature", torch.float32),
+            ("seq_lens", torch.int32),
             ("seq_order", torch.int32), ("tables", torch.int32))
 
 
@@ -82,7 +91,7 @@ class DecodeInputLayout:
 
     def _numel(self, name: str) -> int:
         if name == "header":
-            return 2
+            return 4
         if name == "tables":
             return self.max_batch * self.max_blocks_per_seq
         return self.max_batch
@@ -101,10 +110,6 @@ class DecodeInputLayout:
     def nbytes(self) -> int:
         return self.offsets["end"]
 
-    def step_bytes(self, size: int, width: int) -> int:
-        """Bytes a step of bucket `size` with tables `width` wide uses (a prefix of the buffer)."""
-        return self.offsets["tables"] + size * width * 4
-
     def views(self, buffer: torch.Tensor) -> DecodeInputs:
         """Typed views into a uint8 buffer of nbytes (host or device); they share its memory."""
         if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < self.nbytes:
@@ -119,21 +124,24 @@ class DecodeInputLayout:
 def pack_decode_inputs(host: DecodeInputs, layout: DecodeInputLayout, size: int, input_ids: Sequence[int],
                        positions: Sequence[int], slot_mapping: Sequence[int], seq_lens: Sequence[int],
                        block_tables: Sequence[Sequence[int]], pending_rows: Sequence[int] = (),
-                       pending_sources: Sequence[int] = (), previous_address: int = 0) -> int:
+                       pending_sources: Sequence[int] = (), previous_address: int = 0,
+                       temperature: Sequence[float] | None = None, seed: int = 0) -> None:
     """Writes a decode step of b = len(input_ids) rows, padded to `size`, into `host` (numpy views
-    from layout.views); returns how many leading bytes of the buffer the step uses.
+    from layout.views).
 
     Rows in `pending_rows` take their token from the previous step's sampled tokens on the device
     (row `pending_sources[i]` of the int64 tensor at `previous_address`); their input_ids entries are
-    ignored. Padding rows get token 0, position 0, slot -1 (no cache write), seq_len 1 and an
-    all-zero block table (block 0 exists), so they run harmlessly. Raises ValueError on bad shapes.
+    ignored. `temperature` (default: all 0, greedy) and `seed` (masked to [0, 2**31)) feed a graph
+    that samples. Padding rows get token 0, position 0, slot -1 (no cache write), seq_len 1,
+    temperature 0 and an all-zero block table (block 0 exists), so they run harmlessly. Raises
+    ValueError on bad shapes.
     """
     b = len(input_ids)
     if not 1 <= b <= size <= layout.max_batch:
         raise ValueError(f"need 1 <= batch ({b}) <= size ({size}) <= max_batch ({layout.max_batch})")
     for name, values in (("positions", positions), ("slot_mapping", slot_mapping), ("seq_lens", seq_lens),
-                         ("block_tables", block_tables)):
-        if len(values) != b:
+                         ("block_tables", block_tables), ("temperature", temperature)):
+        if values is not None and len(values) != b:
             raise ValueError(f"{name} must have one entry per row ({b}); got {len(values)}")
     if len(pending_rows) != len(pending_sources):
         raise ValueError(f"pending_rows and pending_sources must match; got {len(pending_rows)} and "
@@ -153,6 +161,9 @@ def pack_decode_inputs(host: DecodeInputs, layout: DecodeInputLayout, size: int,
     host.positions[b:size] = 0
     host.slot_mapping[:b] = slot_mapping
     host.slot_mapping[b:size] = -1
+    host.temperature[:size] = 0.0
+    if temperature is not None:
+        host.temperature[:b] = temperature
     host.seq_lens[:b] = seq_lens
     host.seq_lens[b:size] = 1
     # Attention starts the longest sequences first (a stable sort; the padding rows stay last).
@@ -162,20 +173,30 @@ def pack_decode_inputs(host: DecodeInputs, layout: DecodeInputLayout, size: int,
     tables.fill(0)
     for row, table in enumerate(block_tables):
         tables[row, :len(table)] = table
-    host.header[0] = previous_address
-    host.header[1] = width
-    return layout.step_bytes(size, width)
+    host.header[:] = (previous_address, width, seed & 0x7FFFFFFF, 0)
+
+
+class DecodeStep(NamedTuple):
+    """A replayed graph's outputs (views of its static buffers, valid until that graph's next
+    replay) and the staging slot it used."""
+
+    logits: torch.Tensor           # [b, vocab]
+    sampled: torch.Tensor | None   # [b] int64 when the graph samples
+    slot: int
 
 
 class DecodeGraphs:
     """Captured decode graphs and their static input/output buffers; a step runs through
-    `replay_from_host` (host lists in, one copy)."""
+    `replay_from_host` (host lists in, no copy)."""
 
     def __init__(self, model: torch.nn.Module, max_batch: int, max_blocks_per_seq: int, max_model_len: int,
-                 device: torch.device) -> None:
+                 device: torch.device, sample: Sample | None = None) -> None:
+        """`sample(logits, temperature, seed)`: samples inside the graphs (seed: a [1] int64 device
+        tensor, read when the graph runs); None: the graphs end at the logits."""
         self.model = model
         self.device = device
         self.max_model_len = max_model_len
+        self.sample = sample
         self.sizes = capture_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         n = self.max_batch
@@ -184,18 +205,21 @@ class DecodeGraphs:
         self.inputs = self.layout.views(packed)  # the graphs' static inputs
         self.inputs.slot_mapping.fill_(-1)
         self.inputs.seq_lens.fill_(1)
-        self._packed = packed
         self.input_ids, self.positions = self.inputs.input_ids, self.inputs.positions
         self.slot_mapping, self.seq_lens = self.inputs.slot_mapping, self.inputs.seq_lens
+        self.seed = self.inputs.header[2:3]
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        # Two pinned staging buffers that alternate (StagingBuffers waits before one is refilled),
-        # and the numpy views of each, made once.
-        self._staging = StagingBuffers(device)
-        self._host_views: dict[int, DecodeInputs] = {}
-        self._previous_sampled: torch.Tensor | None = None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        # Two pinned host buffers that the device reads directly, their numpy views, and per buffer
+        # the events to wait for before it (and the outputs of its graphs) may be reused.
+        pinned = device.type == "cuda"
+        self._host = [torch.zeros(self.layout.nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+        self._host_views = [DecodeInputs(*(v.numpy() for v in self.layout.views(h))) for h in self._host]
+        self._in_use: list[list[torch.cuda.Event]] = [[], []]
+        self._slot = 1
+        self._previous_sampled: list[torch.Tensor | None] = [None, None]
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.pool = None
 
     def _meta(self, b: int) -> AttentionMetadata:
@@ -207,35 +231,41 @@ class DecodeGraphs:
             max_seq_len=self.max_model_len, num_decodes=b, num_decode_tokens=b,
             query_lens_cpu=[1] * b, seq_lens_cpu=[1] * b)
 
-    def finish_inputs(self, size: int) -> None:
-        """Fills pending tokens and spreads the packed block tables into the static inputs of rows
-        [0, size) (part of every graph; callable alone, e.g. to inspect the inputs)."""
-        from pagellm.kernels.triton.decode_inputs import finish_decode_inputs
-        finish_decode_inputs(self.inputs.header, self.inputs.input_ids, self.inputs.prev_rows, self.inputs.tables,
-                             self.block_tables, size)
+    def load_inputs(self, size: int, slot: int) -> None:
+        """Loads rows [0, size) of host buffer `slot` into the static inputs (the first kernel of
+        every graph; callable alone, e.g. to inspect the inputs)."""
+        from pagellm.kernels.triton.decode_inputs import load_decode_inputs
+        inputs = self.inputs
+        load_decode_inputs(self._host[slot], self.layout.offsets, inputs.input_ids, inputs.positions,
+                           inputs.slot_mapping, inputs.temperature, inputs.seq_lens, inputs.seq_order, self.seed,
+                           self.block_tables, size)
 
-    def _run(self, b: int) -> torch.Tensor:
-        self.finish_inputs(b)
+    def _run(self, b: int, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.load_inputs(b, slot)
         hidden = self.model(self.input_ids[:b], self.positions[:b], self._meta(b))
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        sampled = self.sample(logits, self.inputs.temperature[:b], self.seed) if self.sample is not None else None
+        return logits, sampled
 
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
         mem_before = torch.cuda.memory_allocated(self.device)
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
-            for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels
-                self._run(b)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[b] = self._run(b)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[b] = graph
+            for slot in (0, 1):
+                if slot == 0:
+                    for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels
+                        self._run(b, slot)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[b, slot] = self._run(b, slot)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[b, slot] = graph
         torch.cuda.synchronize(self.device)
-        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s, %.2f GiB", len(self.graphs),
-                    self.max_batch, time.perf_counter() - start,
+        logger.info("captured %d decode CUDA graphs (batch 1..%d, two staging slots) in %.1f s, %.2f GiB",
+                    len(self.graphs), self.max_batch, time.perf_counter() - start,
                     (torch.cuda.memory_allocated(self.device) - mem_before) / 2**30)
 
     def bucket(self, b: int) -> int | None:
@@ -246,10 +276,12 @@ class DecodeGraphs:
 
     def stage(self, input_ids: Sequence[int], positions: Sequence[int], slot_mapping: Sequence[int],
               seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], pending_rows: Sequence[int] = (),
-              pending_sources: Sequence[int] = (), previous_sampled: torch.Tensor | None = None) -> int:
-        """Packs a decode step's host inputs (see pack_decode_inputs) and enqueues their one copy to
-        the static buffer; returns the bucket size. `previous_sampled` ([S'] tokens on this device,
-        produced on the current stream) must be given when `pending_rows` is not empty."""
+              pending_sources: Sequence[int] = (), previous_sampled: torch.Tensor | None = None,
+              temperature: Sequence[float] | None = None, seed: int = 0) -> tuple[int, int]:
+        """Packs a decode step's host inputs (see pack_decode_inputs) into the next host buffer,
+        once the step that last used it is done with it; returns (bucket size, slot).
+        `previous_sampled` ([S'] tokens on this device, produced on the current stream) must be
+        given when `pending_rows` is not empty."""
         size = self.bucket(len(input_ids))
         if size is None or len(input_ids) == 0:
             raise ValueError(f"a decode graph step needs 1 to {self.max_batch} rows; got {len(input_ids)}")
@@ -261,28 +293,37 @@ class DecodeGraphs:
                 raise ValueError(f"pending_sources must lie in [0, {previous_sampled.numel()})")
             previous_sampled = previous_sampled.to(torch.int64).contiguous()  # the kernel reads int64 [S]
             address = previous_sampled.data_ptr()
-        # The graph reads it by address: held until the next step, though the stream order that
-        # guards any reuse of its memory would suffice.
-        self._previous_sampled = previous_sampled
-        self._staging.begin_step()  # the copy that last read this slot's buffer (two steps ago) is done
-        host = self._staging.host_buffer("decode_inputs", self.layout.nbytes, torch.uint8)
-        slot = self._staging.slot
-        if slot not in self._host_views:
-            self._host_views[slot] = DecodeInputs(*(v.numpy() for v in self.layout.views(host)))
-        views = self._host_views[slot]
-        nbytes = pack_decode_inputs(views, self.layout, size, input_ids, positions, slot_mapping, seq_lens,
-                                    block_tables, pending_rows, pending_sources, address)
-        self._packed[:nbytes].copy_(host[:nbytes], non_blocking=True)
-        self._staging.end_step()
-        return size
+        self._slot ^= 1
+        slot = self._slot
+        for event in self._in_use[slot]:
+            event.synchronize()  # the last replay from this buffer, and its outputs' read-back, are done
+        self._in_use[slot] = []
+        # The graph reads it by address: held until this slot's next step, though the stream order
+        # that guards any reuse of its memory would suffice.
+        self._previous_sampled[slot] = previous_sampled
+        pack_decode_inputs(self._host_views[slot], self.layout, size, input_ids, positions, slot_mapping, seq_lens,
+                           block_tables, pending_rows, pending_sources, address, temperature, seed)
+        return size, slot
+
+    def hold(self, slot: int, event: torch.cuda.Event) -> None:
+        """Keeps host buffer `slot` and its graphs' outputs from reuse until `event` has fired
+        (e.g. the read-back of the tokens its step sampled)."""
+        self._in_use[slot].append(event)
 
     def replay_from_host(self, input_ids: Sequence[int], positions: Sequence[int], slot_mapping: Sequence[int],
                          seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
                          pending_rows: Sequence[int] = (), pending_sources: Sequence[int] = (),
-                         previous_sampled: torch.Tensor | None = None) -> torch.Tensor:
-        """Runs a decode step of b = len(input_ids) sequences from host values with one copy; returns
-        logits [b, vocab] (a view of the graph's output, valid until the next replay)."""
-        size = self.stage(input_ids, positions, slot_mapping, seq_lens, block_tables, pending_rows,
-                          pending_sources, previous_sampled)
-        self.graphs[size].replay()
-        return self.logits[size][:len(input_ids)]
+                         previous_sampled: torch.Tensor | None = None, temperature: Sequence[float] | None = None,
+                         seed: int = 0) -> DecodeStep:
+        """Runs a decode step of b = len(input_ids) sequences from host values, with no copy; returns
+        its outputs, valid until the same slot's next step."""
+        size, slot = self.stage(input_ids, positions, slot_mapping, seq_lens, block_tables, pending_rows,
+                                pending_sources, previous_sampled, temperature, seed)
+        self.graphs[size, slot].replay()
+        if self.device.type == "cuda":
+            replayed = torch.cuda.Event()
+            replayed.record()
+            self.hold(slot, replayed)
+        logits, sampled = self.outputs[size, slot]
+        b = len(input_ids)
+        return DecodeStep(logits[:b], sampled[:b] if sampled is not None else None, slot)

@@ -17,7 +17,8 @@ from pagellm.config import CacheConfig, ModelConfig
 from pagellm.core.scheduler import ScheduledRequest, SchedulerOutput
 from pagellm.layers.attention import AttentionMetadata, get_attention_backend
 from pagellm.layers.attention.layer import PagedAttention
-from pagellm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs, to_device, uses_penalty
+from pagellm.layers.sampler import (Sampler, SamplerOutput, SamplingBatch, gather_logprobs, samples_plainly, to_device,
+                                    uses_penalty)
 from pagellm.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from pagellm.worker.host_memory import keep_freed_memory
 from pagellm.worker.pending_step import PendingStep, StepResult
@@ -273,12 +274,24 @@ class ModelRunner:
         num_decodes = sum(1 for q in query_lens if q == 1)
         num_seqs = len(query_lens)
 
+        graph_step = None
         if (self.graphs is not None and num_decodes == num_seqs and not prompt_lp
                 and self.graphs.bucket(num_seqs) is not None):
-            # One host-to-device copy for the whole step; in a decode step flat index == row.
-            logits = self.graphs.replay_from_host(
+            # The graph reads the step's inputs from pinned memory; in a decode step flat index == row.
+            # It samples too when every row is a plain greedy or temperature draw.
+            params = [s.request.sampling_params for s in sampling]
+            in_graph = (self.graphs.sample is not None and len(sampling) == num_seqs
+                        and all(samples_plainly(p, len(s.request.output_token_ids)) for p, s in zip(params, sampling)))
+            temperature = [0.0 if p.is_greedy else p.temperature for p in params] if in_graph else None
+            seed = int(torch.randint(0, 2**31 - 1, (1,))) if in_graph else 0  # a CPU draw: no device sync
+            graph_step = self.graphs.replay_from_host(
                 input_ids, positions, slots, seq_lens, tables, pending_flat, pending_rows,
-                previous.sampled if pending_flat else None)
+                previous.sampled if pending_flat else None, temperature, seed)
+            logits = graph_step.logits
+            if len(logits_rows) != num_seqs:  # a prompt's 1-token chunk that does not end it samples nothing
+                logits = logits[self._to_device(logits_rows, torch.int64, "rows")]
+            if not in_graph:
+                graph_step = None
             hidden = None
         else:
             ids_t = self._to_device(input_ids, torch.int64, "ids")
@@ -295,10 +308,16 @@ class ModelRunner:
 
         self.staging.end_step()
         result = StepResult(sampled={}, logprobs={}, prompt_logprobs={})
-        sampled, logprobs = self._sample(logits, sampling, previous, prev_rows) if sampling else (None, None)
+        if graph_step is not None:
+            sampled, logprobs = graph_step.sampled, None
+        else:
+            sampled, logprobs = self._sample(logits, sampling, previous, prev_rows) if sampling else (None, None)
         for item, first, count in prompt_lp:
             self._prompt_logprobs(hidden[first:first + count], item, result)
-        return PendingStep([s.request.request_id for s in sampling], sampled, result, self.copy_stream, logprobs)
+        pending = PendingStep([s.request.request_id for s in sampling], sampled, result, self.copy_stream, logprobs)
+        if graph_step is not None and pending.copied is not None:
+            self.graphs.hold(graph_step.slot, pending.copied)  # the graph's sampled tokens: not overwritten before
+        return pending
 
     def _padded_rows(self, rows: list[int]) -> list[int]:
         """`rows`, repeated at the end up to the next decode-graph batch size when pad_logit_rows.
@@ -318,8 +337,10 @@ class ModelRunner:
                 or not getattr(self.backend, "supports_cuda_graphs", False)):
             return
         max_blocks = -(-self.model_config.max_model_len // self.block_size)
+        # Graphs sample in place with a Triton sampler that reads its seed on the device.
+        sample = getattr(self.sampler.triton_kernels, "sample_in_graph", None) if self.sampler.use_triton else None
         self.graphs = DecodeGraphs(self.model, min(self.max_num_seqs, 512), max_blocks,
-                                   self.model_config.max_model_len, self.device)
+                                   self.model_config.max_model_len, self.device, sample)
         self.graphs.capture()
 
     def _generator(self, item: ScheduledRequest) -> torch.Generator | None:

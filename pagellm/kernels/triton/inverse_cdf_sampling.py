@@ -60,9 +60,13 @@ def _first_crossing(mass, running, target, index, SIZE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])
 def _pick_kernel(logits_ptr, temperature_ptr, max_ptr, mass_ptr, arg_ptr, out_ptr, stride_l, vocab_size,
-                 num_tiles, seed, BLOCK: tl.constexpr, TILES_PAD: tl.constexpr):
+                 num_tiles, seed, seed_ptr, BLOCK: tl.constexpr, TILES_PAD: tl.constexpr,
+                 SEED_IN_MEMORY: tl.constexpr):
     # One program per row: the tile where the running mass crosses u * Z, then the column within it.
+    # SEED_IN_MEMORY: the seed is read from seed_ptr (a CUDA graph's input), not passed by value.
     row = tl.program_id(0)
+    if SEED_IN_MEMORY:
+        seed = tl.load(seed_ptr).to(tl.int32)
     temperature = tl.load(temperature_ptr + row)
     offs_t = tl.arange(0, TILES_PAD)
     t_valid = offs_t < num_tiles
@@ -91,16 +95,17 @@ def compile_all(max_rows: int, vocab_size: int, dtype: torch.dtype, device: torc
     return compile_variants(inverse_cdf_sample, max_rows, vocab_size, dtype, device)
 
 
-def inverse_cdf_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
+def inverse_cdf_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
     """One token per row of logits [S, V] (any float dtype): greedy where temperature [S] is 0,
-    else a draw from softmax(logits / temperature). `seed` picks the random stream; the same
-    (seed, logits) gives the same tokens on the same kind of device. Returns [S] int64 on the
-    logits' device. No host-device sync."""
+    else a draw from softmax(logits / temperature). `seed` picks the random stream: an int, or a
+    [1] int64 tensor on the logits' device holding one in [0, 2**31) (read when the kernel runs, so
+    a CUDA graph can take a new seed each replay). The same (seed, logits) gives the same tokens on
+    the same kind of device. Returns [S] int64 on the logits' device. No host-device sync."""
     return sample_with_default_launch(inverse_cdf_sample_with, logits, temperature, seed)
 
 
-def inverse_cdf_sample_with(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int, iters: int,
-                            num_warps: int) -> torch.Tensor:
+def inverse_cdf_sample_with(logits: torch.Tensor, temperature: torch.Tensor, seed: int | torch.Tensor, block: int,
+                            iters: int, num_warps: int) -> torch.Tensor:
     """inverse_cdf_sample with an explicit launch config (benchmarks and tests; inputs as there).
     `block` must be a power of two >= 16; tokens depend on it, not on `iters` or `num_warps`."""
     out = token_output(logits, block, iters)
@@ -116,10 +121,13 @@ def inverse_cdf_sample_with(logits: torch.Tensor, temperature: torch.Tensor, see
         _tile_stats_kernel[(num_rows, triton.cdiv(num_tiles, iters))](
             logits, temperature, tile_max, tile_mass, tile_arg, logits.stride(0), vocab_size, num_tiles,
             BLOCK=block, ITERS=iters, num_warps=num_warps)
+        in_memory = isinstance(seed, torch.Tensor)
         _pick_kernel[(num_rows,)](
             logits, temperature, tile_max, tile_mass, tile_arg, out, logits.stride(0), vocab_size, num_tiles,
-            seed & 0x7FFFFFFF, BLOCK=block, TILES_PAD=max(2, triton.next_power_of_2(num_tiles)), num_warps=num_warps)
+            0 if in_memory else seed & 0x7FFFFFFF, seed if in_memory else out, BLOCK=block,
+            TILES_PAD=max(2, triton.next_power_of_2(num_tiles)), SEED_IN_MEMORY=in_memory, num_warps=num_warps)
     return out
 
 
 sample = inverse_cdf_sample  # the interface layers/sampler.py picks kernels by
+sample_in_graph = inverse_cdf_sample  # takes its seed from a device tensor, so a CUDA graph can hold it
