@@ -157,8 +157,8 @@ class _EchoModel(torch.nn.Module):
         return torch.stack([input_ids, positions, meta.slot_mapping, meta.seq_lens.long(),
                             meta.block_tables[:, :4].long().sum(1)], dim=1)
 
-    def compute_logits(self, hidden):
-        return hidden * 1  # a fresh output tensor, as an LM head makes
+    def compute_logits(self, hidden, out=None):
+        return hidden * 1 if out is None else torch.mul(hidden, 1, out=out)  # as an LM head writes
 
 
 def _echo_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -173,23 +173,24 @@ class _EagerGraph:
         self.graphs, self.size, self.slot = graphs, size, slot
 
     def replay(self) -> None:
-        for out, new in zip(self.graphs.outputs[self.size, self.slot], self.graphs._run(self.size, self.slot)):
-            out.copy_(new)
+        self.graphs.sampled[self.size, self.slot].copy_(self.graphs._run(self.size, self.slot)[1])
 
 
 @ON_DEVICES
 def test_replay_from_host_over_many_steps_without_syncs(device: str):
     # Twelve steps enqueued back to back (no host sync), some taking tokens from the step before
     # (straight from the graph's sampled output): each replay must see exactly its own inputs (on
-    # CUDA: no host buffer was refilled, and no output overwritten, too early).
+    # CUDA: no host buffer was refilled, and no sampled output overwritten, too early). Logits are
+    # read within their step, as the engine reads them.
     graphs = DecodeGraphs(_EchoModel(), max_batch=20, max_blocks_per_seq=9, max_model_len=144,
                           device=torch.device(device), sample=_echo_sample)
     if device == "cuda":
         graphs.capture()
     else:
+        graphs.logits = torch.empty(graphs.max_batch, 5, dtype=torch.int64)
         for size in graphs.sizes:
             for slot in (0, 1):
-                graphs.outputs[size, slot] = graphs._run(size, slot)
+                graphs.sampled[size, slot] = graphs._run(size, slot)[1]
                 graphs.graphs[size, slot] = _EagerGraph(graphs, size, slot)
     rng = np.random.default_rng(0)
     previous, outputs, expected = None, [], []  # expected[step]: the inputs the graph must see, and its tokens
@@ -205,7 +206,7 @@ def test_replay_from_host_over_many_steps_without_syncs(device: str):
         sources = [int(rng.integers(0, previous.numel())) for _ in pending] if pending else []
         step = graphs.replay_from_host(ids, positions, slots, [p + 1 for p in positions], tables, pending, sources,
                                        previous, temperature, seed)
-        outputs.append((step.logits.clone(), step.sampled.clone()))
+        outputs.append((step.logits.clone(), step.sampled.clone()))  # in stream order, before the next replay
         row_ids = list(ids)
         for row, src in zip(pending, sources):
             row_ids[row] = expected[-1][1][src]  # what `previous` holds, known without reading it

@@ -453,3 +453,18 @@ def test_pending_step_reads_logprobs_with_the_tokens() -> None:
     assert rank == 1 and logprob == pytest.approx(torch.log_softmax(logits[0], -1)[best[0]].item(), abs=1e-5)
     assert [t for t, _ in top] == logits[0].topk(2).indices.tolist()
     assert result.logprobs["c"][2] == []
+
+
+def test_samples_plainly_marks_what_the_triton_sampler_takes_alone():
+    # A decode graph samples in place only when every row is one of these.
+    from pagellm.layers.sampler import samples_plainly
+    assert samples_plainly(SamplingParams(temperature=0.0), 0)
+    assert samples_plainly(SamplingParams(temperature=0.0, seed=3, top_k=5), 0)  # greedy: a seed is moot
+    assert samples_plainly(SamplingParams(temperature=0.8, top_k=-1), 0)
+    assert samples_plainly(SamplingParams(temperature=0.0, min_tokens=2), 2)  # min_tokens reached
+    not_plain = [dict(temperature=0.8, seed=1), dict(temperature=0.8, top_p=0.9), dict(temperature=0.8, top_k=20),
+                 dict(temperature=0.8, min_p=0.1), dict(temperature=0.0, logprobs=0),
+                 dict(temperature=0.0, repetition_penalty=1.1), dict(temperature=0.0, logit_bias={5: 1.0})]
+    for kwargs in not_plain:
+        assert not samples_plainly(SamplingParams(**kwargs), 0), kwargs
+    assert not samples_plainly(SamplingParams(temperature=0.0, min_tokens=2), 1)  # EOS still masked

@@ -54,6 +54,12 @@ def test_skinny_gemm_strided_rows_and_bad_input():
     w = torch.randn(24, 64).to(DEVICE)
     config = SkinnyGemmConfig(16, 16, 32, num_stages=1)
     _check(skinny_gemm(x, w, config=config), _reference(x, w, None, False), torch.float32, 64)
+    buffer = torch.full((5, 24), float("nan"), device=DEVICE)  # rows [0, 3) of a larger output
+    assert skinny_gemm(x, w, config=config, out=buffer[:3]).data_ptr() == buffer.data_ptr()
+    _check(buffer[:3], _reference(x, w, None, False), torch.float32, 64)
+    assert buffer[3:].isnan().all()
+    with pytest.raises(ValueError, match="out must be"):
+        skinny_gemm(x, w, config=config, out=buffer[:2])
     with pytest.raises(ValueError, match="columns"):
         skinny_gemm(x, torch.randn(24, 48).to(DEVICE), config=config)
     with pytest.raises(ValueError, match=r"\[gate \| up\]"):

@@ -234,24 +234,6 @@ def test_split_kv_decode(num_splits):
     run_and_compare(step, num_kv_splits=num_splits)
 
 
-@pytest.mark.parametrize("case", ["mixed", "split", "window", "half"])
-def test_early_kv_loads_give_the_same_results(monkeypatch, case):
-    # PAGELLM_ATTN_EARLY_KV: the first tile's cached keys load before the PDL wait, this step's after;
-    # the two parts must join into the same tile (block edges, splits, windows, half precision).
-    monkeypatch.setattr(paged_attention_module, "_EARLY_KV", True)
-    if case == "mixed":
-        run_and_compare(make_step(MIXED, num_heads=8, num_kv_heads=2, head_dim=64))
-    elif case == "split":
-        run_and_compare(make_step([(47, 1), (3, 1), (16, 1), (63, 1)], num_heads=8, num_kv_heads=2, head_dim=64),
-                        num_kv_splits=4)
-    elif case == "window":
-        step = make_step([(0, 23), (40, 1), (30, 9)], num_heads=4, num_kv_heads=1, head_dim=64)
-        run_and_compare(step, sliding_window=5)
-    else:
-        step = make_step(MIXED[:4], num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
-        run_and_compare(step, atol=2e-2, rtol=2e-2)
-
-
 def longest_first(step: dict) -> torch.Tensor:
     return torch.argsort(step["seq_lens"].cpu(), descending=True, stable=True).to(torch.int32).to(DEVICE)
 

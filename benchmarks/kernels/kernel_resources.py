@@ -73,14 +73,12 @@ def attention_report(group: int, head_dim: int) -> None:
     for label, max_query_len, decode in (("decode", 1, 2), ("prefill", 2048, 0)):
         # The tiles the engine picks on a CUDA device (the rule reads only the device's type).
         config = pa.select_config(torch.device("cuda"), head_dim, group, max_query_len)
-        for early_kv in (False, True):  # PAGELLM_ATTN_EARLY_KV off and on
-            constants = dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
-                             PAGE_SIZE=16, BLOCK_M=config.block_m, BLOCK_Q=config.block_m // group,
-                             BLOCK_N=config.block_n, NUM_SPLITS=1, DECODE=decode, USE_WINDOW=False,
-                             USE_SOFT_CAP=False, DOT_PRECISION="tf32", DOT_IN_FP32=False, USE_PDL=True,
-                             EARLY_KV=early_kv)
-            print(f"{label}{' early K/V' if early_kv else ''} {config.block_m}x{config.block_n} w{config.num_warps} "
-                  f"s{config.num_stages}: {resources(pa._paged_attention_kernel, _ATTENTION_POINTERS, _ATTENTION_DIVISIBLE, constants, config.num_warps, config.num_stages)}")
+        constants = dict(GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
+                         PAGE_SIZE=16, BLOCK_M=config.block_m, BLOCK_Q=config.block_m // group,
+                         BLOCK_N=config.block_n, NUM_SPLITS=1, DECODE=decode, USE_WINDOW=False, USE_SOFT_CAP=False,
+                         DOT_PRECISION="tf32", DOT_IN_FP32=False, USE_PDL=True)
+        print(f"{label} {config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}: "
+              f"{resources(pa._paged_attention_kernel, _ATTENTION_POINTERS, _ATTENTION_DIVISIBLE, constants, config.num_warps, config.num_stages)}")
 
 
 def skinny_report() -> None:

@@ -34,17 +34,36 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  gated: bool = False) -> torch.Tensor | None:
-    """x @ weight^T (+ bias) through the Triton decode-batch kernel, or None where it does not apply
-    (too many rows, or a shape cuBLAS serves better). With `gated`, x is [gate | up] and the
-    product reads silu(gate) * up."""
+                  gated: bool = False, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x @ weight^T (+ bias) through the Triton decode-batch kernel (into `out` when given), or None
+    where it does not apply (too many rows, or a shape cuBLAS serves better). With `gated`, x is
+    [gate | up] and the product reads silu(gate) * up."""
     from pagellm.kernels.triton.skinny_gemm import select_config, skinny_gemm
     if x.dim() != 2 or x.stride(-1) != 1:
         return None
     config = select_config(x.shape[0], weight.shape[0], weight.shape[1], x.device, gated=gated)
     if config is None:
         return None
-    return skinny_gemm(x, weight, bias, config=config, gated=gated)
+    return skinny_gemm(x, weight, bias, config=config, gated=gated, out=out)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, use_triton: bool = False,
+           packed: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]^T (+ bias): the skinny Triton kernel for decode-sized batches
+    (`use_triton`), oneDNN's packed weight on the CPU (`packed`), else cuBLAS / PyTorch. Written into
+    `out` ([T, out], e.g. a CUDA graph's static output) when given."""
+    if use_triton:
+        y = skinny_linear(x, weight, bias, out=out)
+        if y is not None:
+            return y
+    if packed is not None and x.dim() == 2:
+        y = packed_linear(x, packed, bias)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 class Linear(nn.Module):
@@ -66,14 +85,9 @@ class Linear(nn.Module):
     def enable_triton(self) -> None:
         self.use_triton = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_triton:
-            y = skinny_linear(x, self.weight, self.bias)
-            if y is not None:
-                return y
-        if self.packed is not None and x.dim() == 2:
-            return packed_linear(x, self.packed, self.bias)
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out_features]; written into `out` when given (2-D x)."""
+        return linear(x, self.weight, self.bias, use_triton=self.use_triton, packed=self.packed, out=out)
 
     def forward_silu_gated(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """This layer applied to silu(gate) * up of gate_up [T, 2 * in], in one kernel; None where

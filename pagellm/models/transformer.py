@@ -18,7 +18,7 @@ from pagellm.layers.activation import SiluAndMul, gated_activation, get_activati
 from pagellm.layers.attention.backend import AttentionMetadata
 from pagellm.layers.attention.layer import PagedAttention
 from pagellm.layers.layernorm import LayerNorm
-from pagellm.layers.linear import Linear, cpu_prepacked_weight, packed_linear, skinny_linear
+from pagellm.layers.linear import Linear, cpu_prepacked_weight, linear
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.rotary import RotaryEmbedding, rope_inv_freq
 
@@ -426,28 +426,19 @@ class CausalLM(nn.Module):
         """input_ids, positions [T] -> hidden states [T, hidden]."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab], written into `out` when given (a CUDA graph's
+        static output, shared by every batch size)."""
         if self.lm_head is not None:
-            logits = self.lm_head(hidden)
+            logits = self.lm_head(hidden, out=out)
         else:
-            logits = self._tied_head(hidden)
+            # The token embeddings^T: the skinny kernel, oneDNN's packed layout or cuBLAS.
+            logits = linear(hidden, self.model.embed_tokens.weight, use_triton=self.use_triton_head,
+                            packed=getattr(self, "_packed_lm_head", None), out=out)
         cap = self.spec.final_soft_cap
         if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+            logits = torch.tanh(logits / cap) * cap if out is None else logits.div_(cap).tanh_().mul_(cap)
         return logits
-
-    def _tied_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] @ the token embeddings^T: the skinny kernel, oneDNN's packed layout or F.linear."""
-        table = self.model.embed_tokens.weight
-        if self.use_triton_head:
-            logits = skinny_linear(hidden, table)
-            if logits is not None:
-                return logits
-        packed = getattr(self, "_packed_lm_head", None)
-        if packed is not None and hidden.dim() == 2:
-            return packed_linear(hidden, packed, None)
-        return torch.nn.functional.linear(hidden, table)
 
     def prepack_weights(self) -> None:
         """Lays out bf16 CPU weights for oneDNN once, after loading (see layers.linear)."""

@@ -19,8 +19,8 @@ temperatures are inputs like the rest), so the step's tokens come out of the gra
 after it. Other steps sample its logits outside, as before.
 
 Two pinned buffers alternate, and each has its own graphs (a graph reads a fixed address) and its
-own outputs: the host packs step N + 1 while step N runs, and step N's sampled tokens are read
-back while step N + 1 runs. A buffer and its outputs are reused only after the events the step
+own sampled-token outputs: the host packs step N + 1 while step N runs, and step N's tokens are read
+back while step N + 1 runs. The logits, read within their step, share one buffer across all graphs. A buffer and its outputs are reused only after the events the step
 that last used them recorded (its replay, its outputs' read-back) have fired.
 """
 
@@ -177,11 +177,10 @@ def pack_decode_inputs(host: DecodeInputs, layout: DecodeInputLayout, size: int,
 
 
 class DecodeStep(NamedTuple):
-    """A replayed graph's outputs (views of its static buffers, valid until that graph's next
-    replay) and the staging slot it used."""
+    """A replayed graph's outputs (views of static buffers) and the staging slot it used."""
 
-    logits: torch.Tensor           # [b, vocab]
-    sampled: torch.Tensor | None   # [b] int64 when the graph samples
+    logits: torch.Tensor           # [b, vocab]; valid until the next replay of any graph
+    sampled: torch.Tensor | None   # [b] int64 when the graph samples; valid until the slot's next step
     slot: int
 
 
@@ -219,7 +218,11 @@ class DecodeGraphs:
         self._slot = 1
         self._previous_sampled: list[torch.Tensor | None] = [None, None]
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # Every graph writes its logits into rows [0, size) of one buffer (set at capture): they are
+        # read within their step, before the next replay. Sampled tokens are per graph: they are read
+        # back while the next step runs.
+        self.logits: torch.Tensor | None = None   # [max_batch, vocab]
+        self.sampled: dict[tuple[int, int], torch.Tensor | None] = {}
         self.pool = None
 
     def _meta(self, b: int) -> AttentionMetadata:
@@ -241,9 +244,11 @@ class DecodeGraphs:
                            self.block_tables, size)
 
     def _run(self, b: int, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode step of bucket b from host buffer `slot`: logits [b, vocab] (into the shared
+        buffer once there is one) and, with a sampler, tokens [b]."""
         self.load_inputs(b, slot)
         hidden = self.model(self.input_ids[:b], self.positions[:b], self._meta(b))
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden, out=self.logits[:b] if self.logits is not None else None)
         sampled = self.sample(logits, self.inputs.temperature[:b], self.seed) if self.sample is not None else None
         return logits, sampled
 
@@ -252,14 +257,15 @@ class DecodeGraphs:
         start = time.perf_counter()
         mem_before = torch.cuda.memory_allocated(self.device)
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
+            for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels
+                logits, _ = self._run(b, 0)
+            if self.logits is None:
+                self.logits = torch.empty_like(logits)  # outside the graphs' pool: [max_batch, vocab]
             for slot in (0, 1):
-                if slot == 0:
-                    for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels
-                        self._run(b, slot)
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.outputs[b, slot] = self._run(b, slot)
+                    self.sampled[b, slot] = self._run(b, slot)[1]
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[b, slot] = graph
@@ -316,7 +322,7 @@ class DecodeGraphs:
                          previous_sampled: torch.Tensor | None = None, temperature: Sequence[float] | None = None,
                          seed: int = 0) -> DecodeStep:
         """Runs a decode step of b = len(input_ids) sequences from host values, with no copy; returns
-        its outputs, valid until the same slot's next step."""
+        its outputs (see DecodeStep for how long they stay valid)."""
         size, slot = self.stage(input_ids, positions, slot_mapping, seq_lens, block_tables, pending_rows,
                                 pending_sources, previous_sampled, temperature, seed)
         self.graphs[size, slot].replay()
@@ -324,6 +330,5 @@ class DecodeGraphs:
             replayed = torch.cuda.Event()
             replayed.record()
             self.hold(slot, replayed)
-        logits, sampled = self.outputs[size, slot]
-        b = len(input_ids)
-        return DecodeStep(logits[:b], sampled[:b] if sampled is not None else None, slot)
+        b, sampled = len(input_ids), self.sampled[size, slot]
+        return DecodeStep(self.logits[:b], sampled[:b] if sampled is not None else None, slot)

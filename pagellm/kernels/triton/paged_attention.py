@@ -29,7 +29,6 @@ How the work is cut:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +46,6 @@ _MAX_SPLITS = 32
 # A split below this many keys costs more in the merge than it wins in parallelism.
 _MIN_KEYS_PER_SPLIT = 256
 _CPU_WAVE = 8
-# PAGELLM_ATTN_EARLY_KV=1: each program loads its first tile's cached keys and values before the PDL
-# wait, overlapping that HBM round trip with the end of the kernel before (an experiment, off until
-# measured on the GPU; the CPU tests run both ways).
-_EARLY_KV = os.environ.get("PAGELLM_ATTN_EARLY_KV", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -95,38 +90,20 @@ def _tile_pages(block_table_row, start, kv_end, BLOCK_N: tl.constexpr, PAGE_SIZE
 
 
 @triton.jit
-def _load_kv(k_cache_ptr, v_cache_ptr, pages, start, lo, hi, kv_head, offs_d, d_valid,
-             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, k_other, v_other,
-             BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, FROM_LO: tl.constexpr):
-    # ([N, Dp], [N, Dp]): keys and values of positions [start, start + BLOCK_N) below hi (and, with
-    # FROM_LO, from lo on); the other rows are k_other / v_other.
-    offs_n = start + tl.arange(0, BLOCK_N)                                       # [N] key positions
-    in_page = offs_n % PAGE_SIZE
-    rows = offs_n < hi
-    if FROM_LO:
-        rows = rows & (offs_n >= lo)
-    kv_mask = rows[:, None] & d_valid[None, :]
-    k = tl.load(k_cache_ptr + pages[:, None] * stride_kb + in_page[:, None] * stride_ks
-                + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=k_other)   # [N, Dp]
-    v = tl.load(v_cache_ptr + pages[:, None] * stride_vb + in_page[:, None] * stride_vs
-                + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=v_other)   # [N, Dp]
-    return k, v
-
-
-@triton.jit
 def _attend_tile(q, k_cache_ptr, v_cache_ptr, pages, start, kv_end, kv_head, q_pos, offs_d, d_valid,
                  m_i, l_i, acc, scale, soft_cap, sliding_window,
                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
-                 USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                 k_early, v_early, fresh_from, EARLY: tl.constexpr):
-    # One online-softmax step over the keys [start, start + BLOCK_N) ∩ [.., kv_end), pages from
-    # _tile_pages. With EARLY, positions before fresh_from come from k_early / v_early (loaded already).
+                 USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    # One online-softmax step over the keys [start, start + BLOCK_N) ∩ [.., kv_end), pages from _tile_pages.
     offs_n = start + tl.arange(0, BLOCK_N)                                       # [N] key positions
     n_valid = offs_n < kv_end
-    k, v = _load_kv(k_cache_ptr, v_cache_ptr, pages, start, fresh_from, kv_end, kv_head, offs_d, d_valid,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, k_early, v_early,
-                    BLOCK_N, PAGE_SIZE, EARLY)
+    in_page = offs_n % PAGE_SIZE
+    kv_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_cache_ptr + pages[:, None] * stride_kb + in_page[:, None] * stride_ks
+                + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)       # [N, Dp]
+    v = tl.load(v_cache_ptr + pages[:, None] * stride_vb + in_page[:, None] * stride_vs
+                + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)       # [N, Dp]
     p_dtype = v_cache_ptr.dtype.element_ty  # P is rounded to the cache dtype for P @ V, as on the GPU
     if DOT_IN_FP32:
         k = k.to(tl.float32)
@@ -174,7 +151,6 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,       # Triton's CPU interpreter multiplies bf16 dot operands wrongly
     USE_PDL: tl.constexpr,           # programmatic dependent launch (kernels/triton/pdl.py)
-    EARLY_KV: tl.constexpr,          # the first tile's cached keys/values load before the PDL wait
 ):
     # The step's metadata (sequence bounds, block tables) is written before the step's first layer,
     # never by the kernel just before this one: it loads before the PDL wait, while that kernel
@@ -216,17 +192,6 @@ def _paged_attention_kernel(
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     # The first tile's pages too: a decode split is often a single tile.
     first_pages = _tile_pages(block_table_row, kv_start, kv_end, BLOCK_N, PAGE_SIZE)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_valid = offs_d < HEAD_DIM
-    if EARLY_KV:
-        # And its keys and values cached by earlier steps (positions < context_len): only this
-        # step's tokens are written by the kernel before (the K/V store after the qkv product).
-        k_early, v_early = _load_kv(k_cache_ptr, v_cache_ptr, first_pages, kv_start, kv_start, context_len,
-                                    kv_head, offs_d, d_valid, stride_kb, stride_ks, stride_kh, stride_vb,
-                                    stride_vs, stride_vh, 0.0, 0.0, BLOCK_N, PAGE_SIZE, False)
-        fresh_from = context_len
-    else:
-        k_early, v_early, fresh_from = 0.0, 0.0, kv_start
     wait_for_inputs(USE_PDL)
     if q_tile * BLOCK_Q >= q_len:
         return
@@ -238,6 +203,8 @@ def _paged_attention_kernel(
     row_valid = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)            # [M]
     q_pos = context_len + q_idx                                          # [M]
     token = (q_start + q_idx).to(tl.int64)                               # [M]
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
 
     q = tl.load(query_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # [M, Dp]
@@ -254,15 +221,13 @@ def _paged_attention_kernel(
     m_i, l_i, acc = _attend_tile(
         q, k_cache_ptr, v_cache_ptr, first_pages, kv_start, kv_end, kv_head, q_pos, offs_d, d_valid,
         m_i, l_i, acc, scale, soft_cap, sliding_window, stride_kb, stride_ks, stride_kh, stride_vb,
-        stride_vs, stride_vh, BLOCK_N, PAGE_SIZE, USE_WINDOW, USE_SOFT_CAP, DOT_PRECISION, DOT_IN_FP32,
-        k_early, v_early, fresh_from, EARLY_KV)
+        stride_vs, stride_vh, BLOCK_N, PAGE_SIZE, USE_WINDOW, USE_SOFT_CAP, DOT_PRECISION, DOT_IN_FP32)
     for start in range(kv_start + BLOCK_N, kv_end, BLOCK_N):
         pages = _tile_pages(block_table_row, start, kv_end, BLOCK_N, PAGE_SIZE)
         m_i, l_i, acc = _attend_tile(
             q, k_cache_ptr, v_cache_ptr, pages, start, kv_end, kv_head, q_pos, offs_d, d_valid,
             m_i, l_i, acc, scale, soft_cap, sliding_window, stride_kb, stride_ks, stride_kh, stride_vb,
-            stride_vs, stride_vh, BLOCK_N, PAGE_SIZE, USE_WINDOW, USE_SOFT_CAP, DOT_PRECISION, DOT_IN_FP32,
-            0.0, 0.0, start, False)
+            stride_vs, stride_vh, BLOCK_N, PAGE_SIZE, USE_WINDOW, USE_SOFT_CAP, DOT_PRECISION, DOT_IN_FP32)
 
     release_dependents(USE_PDL)
     # A row that saw no key (empty sequence, or an empty split) has l_i == 0: output zeros.
@@ -454,7 +419,6 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=logits_soft_cap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=query.device.type != "cuda" and query.dtype == torch.bfloat16,
-        EARLY_KV=_EARLY_KV,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(query.device, num_tokens),
     )
     if num_kv_splits > 1:

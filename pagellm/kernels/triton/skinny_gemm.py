@@ -267,15 +267,20 @@ def _split_k_workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torc
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                config: SkinnyGemmConfig, gated: bool = False) -> torch.Tensor:
-    """x [M, K] (or [M, 2K] = [gate | up] when `gated`) @ weight [N, K]^T (+ bias [N]) -> [M, N].
+                config: SkinnyGemmConfig, gated: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (or [M, 2K] = [gate | up] when `gated`) @ weight [N, K]^T (+ bias [N]) -> [M, N],
+    written into `out` when given ([M, N] of x's dtype, contiguous last dimension).
 
     x, weight and bias share one dtype; last dimensions contiguous. With `gated` the input is
     silu(gate) * up, each rounded to the dtype as SiluAndMul rounds it. No host-device sync.
     """
     _check_inputs(x, weight, bias, config, gated)
     num_rows, n = x.shape[0], weight.shape[0]
-    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (num_rows, n) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{num_rows}, {n}] {x.dtype} with a contiguous last dimension; "
+                         f"got {tuple(out.shape)} {out.dtype}")
     _launch(x, weight, bias, out, config, gated)
     return out
 
