@@ -20,8 +20,9 @@ after it. Other steps sample its logits outside, as before.
 
 Two pinned buffers alternate, and each has its own graphs (a graph reads a fixed address) and its
 own sampled-token outputs: the host packs step N + 1 while step N runs, and step N's tokens are read
-back while step N + 1 runs. The logits, read within their step, share one buffer across all graphs. A buffer and its outputs are reused only after the events the step
-that last used them recorded (its replay, its outputs' read-back) have fired.
+back while step N + 1 runs. A buffer and its outputs are reused only after the events the step that
+last used them recorded (its replay, its tokens' read-back) have fired. The logits, read within
+their step, share one buffer across all graphs.
 """
 
 from __future__ import annotations
@@ -73,8 +74,7 @@ class DecodeInputs(NamedTuple):
 
 _REGIONS = (("header", torch.int64), ("input_ids", torch.int64), ("positions", torch.int64),
             ("slot_mapping", torch.int64), ("prev_rows", torch.int64), ("temperature", torch.float32),
-            ("seq_lens", torch.int32),
-            ("seq_order", torch.int32), ("tables", torch.int32))
+            ("seq_lens", torch.int32), ("seq_order", torch.int32), ("tables", torch.int32))
 
 
 @dataclass(frozen=True)
