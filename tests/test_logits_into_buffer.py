@@ -52,6 +52,8 @@ def test_linear_into_a_buffer_with_and_without_bias():
         assert linear(x, weight, b, out=out) is out
         torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b))
     layer = Linear(16, 10, bias=True)
+    layer.weight.copy_(weight)  # Linear allocates its parameters uninitialized (the loader fills them)
+    layer.bias.copy_(bias)
     out = torch.empty(4, 10)
     torch.testing.assert_close(layer(x, out=out), layer(x))
     assert layer(x, out=out).data_ptr() == out.data_ptr()
