@@ -5,8 +5,8 @@ A decode step at batch b replays the graph of the smallest bucket >= b; the extr
 padding (slot -1, so nothing is written to the cache, and their outputs are ignored). A graph
 reads its inputs from static buffers, so a replay is: fill the inputs, replay, read the outputs.
 
-The inputs are packed by the host into a pinned byte buffer laid out exactly like the graphs'
-static device buffer (DecodeInputLayout). The GPU reads pinned memory directly, so no copy runs
+The inputs are packed by the host into a pinned byte buffer (DecodeInputLayout: typed regions at
+fixed offsets). The GPU reads pinned memory directly, so no copy runs
 between two replays (each copy costs a few microseconds of device time plus the switch from
 kernels to the copy engine and back): the graph's first kernel (kernels/triton/decode_inputs.py)
 loads the step's rows from the host buffer, spreads the block tables out to the fixed row stride
@@ -58,7 +58,7 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeInputs(NamedTuple):
-    """Typed views of one packed buffer (torch tensors on the device, numpy arrays on the host)."""
+    """Typed views of one packed host buffer (numpy arrays, or torch tensors of the same memory)."""
 
     header: torch.Tensor | np.ndarray        # [4] int64: previous sampled tokens' address (0: none), width,
     #                                          sampling seed in [0, 2**31), unused
@@ -72,6 +72,18 @@ class DecodeInputs(NamedTuple):
     tables: torch.Tensor | np.ndarray        # [n * max_blocks] int32; first size * width: [size, width]
 
 
+class GraphInputs(NamedTuple):
+    """The graphs' static device inputs, rows [0, max_batch), that the first kernel fills."""
+
+    input_ids: torch.Tensor     # [n] int64
+    positions: torch.Tensor     # [n] int64
+    slot_mapping: torch.Tensor  # [n] int64
+    temperature: torch.Tensor   # [n] float32
+    seq_lens: torch.Tensor      # [n] int32
+    seq_order: torch.Tensor     # [n] int32
+    seed: torch.Tensor          # [1] int64
+
+
 _REGIONS = (("header", torch.int64), ("input_ids", torch.int64), ("positions", torch.int64),
             ("slot_mapping", torch.int64), ("prev_rows", torch.int64), ("temperature", torch.float32),
             ("seq_lens", torch.int32), ("seq_order", torch.int32), ("tables", torch.int32))
@@ -79,7 +91,7 @@ _REGIONS = (("header", torch.int64), ("input_ids", torch.int64), ("positions", t
 
 @dataclass(frozen=True)
 class DecodeInputLayout:
-    """Where each decode input lives in the packed buffer: the same bytes on host and device."""
+    """Where each decode input lives in the packed host buffer that the graphs' first kernel reads."""
 
     max_batch: int
     max_blocks_per_seq: int
@@ -111,7 +123,7 @@ class DecodeInputLayout:
         return self.offsets["end"]
 
     def views(self, buffer: torch.Tensor) -> DecodeInputs:
-        """Typed views into a uint8 buffer of nbytes (host or device); they share its memory."""
+        """Typed views into a uint8 buffer of nbytes; they share its memory."""
         if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < self.nbytes:
             raise ValueError(f"buffer must be uint8 [>= {self.nbytes}]; got {buffer.dtype} {tuple(buffer.shape)}")
         views = []
@@ -200,13 +212,15 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         n = self.max_batch
         self.layout = DecodeInputLayout(n, max_blocks_per_seq)
-        packed = torch.zeros(self.layout.nbytes, dtype=torch.uint8, device=device)
-        self.inputs = self.layout.views(packed)  # the graphs' static inputs
-        self.inputs.slot_mapping.fill_(-1)
-        self.inputs.seq_lens.fill_(1)
+        int64 = dict(dtype=torch.int64, device=device)
+        self.inputs = GraphInputs(
+            input_ids=torch.zeros(n, **int64), positions=torch.zeros(n, **int64),
+            slot_mapping=torch.full((n,), -1, **int64), temperature=torch.zeros(n, device=device),
+            seq_lens=torch.ones(n, dtype=torch.int32, device=device),
+            seq_order=torch.arange(n, dtype=torch.int32, device=device), seed=torch.zeros(1, **int64))
         self.input_ids, self.positions = self.inputs.input_ids, self.inputs.positions
         self.slot_mapping, self.seq_lens = self.inputs.slot_mapping, self.inputs.seq_lens
-        self.seed = self.inputs.header[2:3]
+        self.seed = self.inputs.seed
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         # Two pinned host buffers that the device reads directly, their numpy views, and per buffer

@@ -55,11 +55,6 @@ class _ReadBack:
             for t in tensors.values():
                 t.record_stream(copy_stream)
 
-    @property
-    def ready(self) -> torch.cuda.Event | None:
-        """The event behind the copies (None off CUDA): once it fired, the device tensors may change."""
-        return self._ready
-
     def values(self) -> dict[str, list]:
         if self._ready is None:
             return {name: t.tolist() for name, t in self._tensors.items()}
@@ -96,7 +91,7 @@ class PendingStep:
     def copied(self) -> torch.cuda.Event | None:
         """Fires once the read-back has copied the step's device tensors (None off CUDA or when
         nothing is read back)."""
-        return self._read.ready if self._read is not None else None
+        return self._read._ready if self._read is not None else None
 
     def resolve(self) -> StepResult:
         if self._read is not None:

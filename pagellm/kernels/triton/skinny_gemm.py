@@ -98,6 +98,12 @@ def _silu_and_mul(gate, up):
 
 
 @triton.jit
+def _in_row_zero(v, BLOCK_M: tl.constexpr):
+    # [BM, BK] tensor-core tile holding one row of input: v [BK] in row 0, zeros in the padding rows.
+    return tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], v[None, :], 0.0).to(v.dtype)
+
+
+@triton.jit
 def _load_input(x_rows, x_ptr, ks, mask, K, GATED: tl.constexpr, ONE_ROW: tl.constexpr):
     # [BM, BK] tile of the kernel's input: x itself, or silu(gate) * up from [gate | up]. ONE_ROW
     # (a gated tile of one row of x, padded for tensor cores): the activation of row 0 only, the
@@ -106,8 +112,7 @@ def _load_input(x_rows, x_ptr, ks, mask, K, GATED: tl.constexpr, ONE_ROW: tl.con
         k_valid = ks < K                                                              # [BK]
         act = _silu_and_mul(tl.load(x_ptr + ks, mask=k_valid, other=0.0),
                             tl.load(x_ptr + K + ks, mask=k_valid, other=0.0))        # [BK]
-        first_row = tl.arange(0, x_rows.shape[0]) == 0                                # [BM]
-        return tl.where(first_row[:, None], act[None, :], 0.0).to(act.dtype)
+        return _in_row_zero(act, x_rows.shape[0])
     if GATED:
         return _silu_and_mul(tl.load(x_rows + ks[None, :], mask=mask, other=0.0),
                              tl.load(x_rows + K + ks[None, :], mask=mask, other=0.0))
@@ -172,7 +177,7 @@ def _skinny_gemm_kernel(
             if pid_n == 0:
                 tl.store(residual_out_ptr + ks, s)
             sum_sq += s.to(tl.float32) * s.to(tl.float32)
-            a = tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], s[None, :], 0.0).to(w.dtype)  # [BM, BK]
+            a = _in_row_zero(s, BLOCK_M)                                               # [BM, BK]
         elif EVEN_K:
             w = tl.load(w_rows + ks[None, :])                                          # [BN, BK]
             a = _load_input(x_rows, x_ptr, ks, m_valid[:, None], K, GATED, GATED_ONE_ROW)  # [BM, BK]
