@@ -198,46 +198,6 @@ def test_skinny_gemm_rope_matches_linear_then_rope(dtype, rows, config, head_dim
     assert written == sum(1 for s in slots.tolist() if s >= 0)  # nothing else was touched
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("config", [SkinnyGemmConfig(16, 16, 16, num_stages=2),   # tensor cores
-                                    SkinnyGemmConfig(1, 16, 16, num_stages=1)])   # FMA path
-@pytest.mark.parametrize("bias", [False, True])
-def test_skinny_gemm_rope_with_the_input_norm_folded_in(dtype, config, bias):
-    # PAGELLM_FOLD_INPUT_NORM: qkv reads s = x + residual, norm(s) = s / rms(s) * g with g folded into
-    # the weight; the same as the RMSNorm kernel's output through the unfolded weight.
-    from pagellm.kernels.reference import rms_norm_ref
-    from pagellm.kernels.triton.skinny_gemm import skinny_gemm_rope
-    g = torch.Generator().manual_seed(7)
-    hq, hkv, head_dim, k, eps = 2, 1, 16, 64, 1e-6
-    n = (hq + 2 * hkv) * head_dim
-    x, residual = (torch.randn(1, k, generator=g).to(DEVICE, dtype) for _ in range(2))
-    norm_weight = (1 + 0.5 * torch.randn(k, generator=g)).to(DEVICE, dtype)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEVICE, dtype)
-    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
-    positions = torch.tensor([11]).to(DEVICE)
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.arange(16).float()[:, None] * torch.cat([inv_freq, inv_freq])[None, :]
-    table = torch.stack([angles.cos(), angles.sin()], dim=1).to(DEVICE)
-    folded = (w.float() * norm_weight.float()[None, :]).to(dtype)
-    out, stream = skinny_gemm_rope(x, folded, b, config=config, num_q_heads=hq, num_kv_heads=hkv, positions=positions,
-                                   cos_sin_cache=table, prenorm=(residual, eps))
-    s = (x.float() + residual.float()).to(dtype)
-    # The residual stream, as the norm kernel writes it (bf16: within the one rounding step by which
-    # Triton's interpreter may differ).
-    torch.testing.assert_close(stream, s, atol=0, rtol={torch.float32: 0, torch.bfloat16: 8e-3}[dtype])
-    normed = rms_norm_ref(s, norm_weight, eps)
-    qkv = F.linear(normed.float(), w.float(), None if b is None else b.float()).to(dtype).view(1, -1, head_dim)
-    expected = _rope_reference(qkv, positions, table, hq + hkv, dtype)
-    tol = {torch.float32: 1e-4, torch.bfloat16: 4e-2}[dtype]
-    torch.testing.assert_close(out.view(1, -1, head_dim).float(), expected.float(), atol=tol, rtol=tol)
-    with pytest.raises(ValueError, match="one row"):
-        skinny_gemm_rope(x.expand(2, -1).contiguous(), folded, b, config=config, num_q_heads=hq, num_kv_heads=hkv,
-                         positions=positions.expand(2), cos_sin_cache=table, prenorm=(residual, eps))
-    with pytest.raises(ValueError, match="residual"):
-        skinny_gemm_rope(x, folded, b, config=config, num_q_heads=hq, num_kv_heads=hkv, positions=positions,
-                         cos_sin_cache=table, prenorm=(residual[:, :32], eps))
-
-
 def test_skinny_gemm_rope_rejects_bad_input():
     from pagellm.kernels.triton.skinny_gemm import skinny_gemm_rope
     x, w = torch.randn(2, 16).to(DEVICE), torch.randn(4 * 32, 16).to(DEVICE)   # 4 heads of 32

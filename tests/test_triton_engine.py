@@ -42,30 +42,3 @@ def test_triton_path_equals_torch_backend(tiny_model_dirs, kind, monkeypatch):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb, t in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
             assert abs(la[t].logprob - lb[t].logprob) < 1e-4
-
-
-def test_input_norm_folded_into_the_qkv_launch_keeps_the_tokens(tiny_model_dirs, monkeypatch):
-    # PAGELLM_FOLD_INPUT_NORM=1: each layer's input RMSNorm weight is folded into qkv_proj, and a decode
-    # step of one row runs the norm (with the residual add) inside the qkv launch; other steps run it
-    # as a kernel of its own with a unit weight. Both must give the torch backend's tokens.
-    from pagellm.kernels.triton import skinny_gemm as skinny_module
-    prenorm_calls = []
-    original = skinny_module.skinny_gemm_rope
-    monkeypatch.setattr(skinny_module, "skinny_gemm_rope",
-                        lambda *a, **k: prenorm_calls.append(k.get("prenorm") is not None) or original(*a, **k))
-    monkeypatch.setenv("PAGELLM_FOLD_INPUT_NORM", "1")
-    folder = tiny_model_dirs("llama")
-    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2)
-    outputs = {}
-    for backend in ("triton", "torch"):
-        llm = LLM(str(folder), dtype="float32", kv_cache_memory="16MiB", attention_backend=backend,
-                  enforce_eager=True, max_num_seqs=4, max_num_batched_tokens=8)
-        outputs[backend] = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)[0].outputs[0]
-        if backend == "triton":
-            layers = llm.llm_engine.runner.model.model.layers
-            assert all(layer.fused_input_norm for layer in layers)
-    assert any(prenorm_calls)  # the one-row decode steps took the folded norm
-    fast, ref = outputs["triton"], outputs["torch"]
-    assert fast.token_ids == ref.token_ids
-    for la, lb, t in zip(fast.logprobs, ref.logprobs, fast.token_ids):
-        assert abs(la[t].logprob - lb[t].logprob) < 1e-4

@@ -37,7 +37,7 @@ _ATTENTION_DIVISIBLE = set(_ATTENTION_POINTERS) | {
 _SKINNY_POINTERS = {
     "x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32",
     "arrivals_ptr": "*i32", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "k_cache_ptr": "*bf16",
-    "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64", "residual_ptr": "*bf16", "residual_out_ptr": "*bf16"}
+    "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"}
 _SKINNY_DIVISIBLE = set(_SKINNY_POINTERS) | {
     "N", "K", "stride_xm", "stride_wn", "stride_om", "stride_cs", "stride_cache_block", "stride_cache_slot",
     "stride_cache_head"}
@@ -55,7 +55,7 @@ def resources(fn, pointers: dict, divisible: set, constants: dict, num_warps: in
             signature[name] = "constexpr"
             constexprs[(i,)] = constants[name]
             continue
-        signature[name] = pointers.get(name, "fp32" if name in ("scale", "soft_cap", "norm_eps") else "i32")
+        signature[name] = pointers.get(name, "fp32" if name in ("scale", "soft_cap") else "i32")
         if name in divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -88,17 +88,15 @@ def skinny_report() -> None:
         if config is None:
             print(f"{label} [{n}x{k}]: cuBLAS")
             continue
+        constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                         SPLIT_K=config.split_k, PARTIAL_ROWS=sg.MAX_SKINNY_ROWS, EVEN_K=k % config.block_k == 0,
+                         GATED=gated, GATED_ONE_ROW=gated and config.block_m > 1, HAS_BIAS=False,
+                         USE_DOT=config.block_m > 1, DOT_PRECISION="tf32",
+                         DOT_IN_FP32=False, ROPE_HALF=64 if label == "qkv" else 0, WRITE_CACHE=label == "qkv",
+                         PAGE_SIZE=16, USE_PDL=True)
         programs = triton.cdiv(n, config.block_n) * config.split_k
-        # qkv twice: as today, and with the input RMSNorm in its K loop (PAGELLM_FOLD_INPUT_NORM).
-        for norm in (False, True) if label == "qkv" else (False,):
-            constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                             SPLIT_K=config.split_k, PARTIAL_ROWS=sg.MAX_SKINNY_ROWS, EVEN_K=k % config.block_k == 0,
-                             GATED=gated, GATED_ONE_ROW=gated and config.block_m > 1, HAS_BIAS=False,
-                             USE_DOT=config.block_m > 1, DOT_PRECISION="tf32",
-                             DOT_IN_FP32=False, ROPE_HALF=64 if label == "qkv" else 0, WRITE_CACHE=label == "qkv",
-                             PAGE_SIZE=16, USE_PDL=True, NORM_ONE_ROW=norm)
-            print(f"{label}{' + input norm' if norm else ''} [{n}x{k}] {config}, {programs} programs: "
-                  f"{resources(sg._skinny_gemm_kernel, _SKINNY_POINTERS, _SKINNY_DIVISIBLE, constants, config.num_warps, config.num_stages)}")
+        print(f"{label} [{n}x{k}] {config}, {programs} programs: "
+              f"{resources(sg._skinny_gemm_kernel, _SKINNY_POINTERS, _SKINNY_DIVISIBLE, constants, config.num_warps, config.num_stages)}")
 
 
 def main() -> None:

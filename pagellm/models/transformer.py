@@ -7,7 +7,6 @@ tensor names or layouts differ from Llama's are translated in the architecture's
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -199,13 +198,11 @@ class DecoderAttention(nn.Module):
             qk_norm_rope_(qkv, self.num_heads, self.num_kv_heads, positions, table, kv_cache=cache)
         return cache is not None
 
-    def _project_rotate_and_cache(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                                  prenorm: tuple[torch.Tensor, float] | None = None):
+    def _project_rotate_and_cache(self, x: torch.Tensor, positions: torch.Tensor,
+                                  meta: AttentionMetadata) -> torch.Tensor | None:
         """Decode batches without q/k norms: the qkv product, RoPE and the K/V cache stores as one
         skinny-GEMM launch (kernels/triton/skinny_gemm.py). Returns qkv [T, H + 2 Hkv, D], or None
-        where that kernel does not take the step. With `prenorm` = (residual, eps) (one row; the
-        input norm's weight folded into qkv_proj): the input RMSNorm in the same launch, and
-        (qkv, the residual stream x + residual)."""
+        where that kernel does not take the step."""
         proj = self.qkv_proj
         if self.qk_norm or not proj.use_triton or x.dim() != 2 or x.stride(-1) != 1:
             return None
@@ -216,39 +213,16 @@ class DecoderAttention(nn.Module):
         config = rope_config(x.shape[0], proj.out_features, proj.in_features, self.head_dim, x.device)
         if config is None:
             return None
-        if prenorm is not None:
-            residual = prenorm[0]
-            if (x.shape[0] != 1 or config.split_k != 1 or proj.in_features % config.block_k
-                    or not (x.is_contiguous() and residual.is_contiguous()) or residual.dtype != x.dtype):
-                return None
-        out = skinny_gemm_rope(x, proj.weight, proj.bias, config=config, num_q_heads=self.num_heads,
+        qkv = skinny_gemm_rope(x, proj.weight, proj.bias, config=config, num_q_heads=self.num_heads,
                                num_kv_heads=self.num_kv_heads, positions=positions,
-                               cos_sin_cache=self.rotary.cos_sin_cache, kv_cache=cache, prenorm=prenorm)
-        if prenorm is not None:
-            qkv, stream = out
-            return qkv.view(1, -1, self.head_dim), stream
-        return out.view(x.shape[0], -1, self.head_dim)
+                               cos_sin_cache=self.rotary.cos_sin_cache, kv_cache=cache)
+        return qkv.view(x.shape[0], -1, self.head_dim)
 
-    def project_with_input_norm(self, x: torch.Tensor, residual: torch.Tensor, eps: float, positions: torch.Tensor,
-                                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One decode row with the layer's input RMSNorm folded into the qkv launch
-        (PAGELLM_FOLD_INPUT_NORM): (qkv [1, H + 2 Hkv, D], rotated and cached, for forward's
-        `projected`; the residual stream x + residual), or None where the fused kernel does not take it."""
-        if not self.fused_rope:
-            return None
-        return self._project_rotate_and_cache(x, positions, meta, prenorm=(residual, eps))
-
-    def forward(self, cos_sin: torch.Tensor | None, x: torch.Tensor | None, meta: AttentionMetadata,
-                projected: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, cos_sin: torch.Tensor | None, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """`cos_sin`: the step's rotary rows (RotaryEmbedding.cos_sin), or the positions [T] once the
-        fused kernel is on (it reads this layer's rotary table itself). `projected`: qkv already
-        projected, rotated and cached (project_with_input_norm), instead of x."""
-        h, hkv = self.num_heads, self.num_kv_heads
-        if projected is not None:
-            qkv = projected
-        else:
-            qkv = self._project_rotate_and_cache(x, cos_sin, meta) if self.fused_rope else None
-        t = qkv.shape[0] if qkv is not None else x.shape[0]
+        fused kernel is on (it reads this layer's rotary table itself)."""
+        t, h, hkv = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self._project_rotate_and_cache(x, cos_sin, meta) if self.fused_rope else None
         kv_written = qkv is not None  # the projection's epilogue rotated q and k and cached k and v
         if qkv is None:
             qkv = self.qkv_proj(x).view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2 Hkv, D]
@@ -325,7 +299,6 @@ class DecoderLayer(nn.Module):
         self.sandwich = spec.sandwich_norms
         self.shared_norm = spec.parallel_residual and spec.shared_input_norm
         self.input_layernorm = make_norm(spec)
-        self.fused_input_norm = False  # set by DecoderModel.enable_triton (PAGELLM_FOLD_INPUT_NORM=1)
         if not self.shared_norm:
             self.post_attention_layernorm = make_norm(spec)
         if spec.sandwich_norms:
@@ -341,18 +314,11 @@ class DecoderLayer(nn.Module):
             h = self.input_layernorm(x)
             h_mlp = h if self.shared_norm else self.post_attention_layernorm(x)
             return self.self_attn(cos_sin, h, meta) + self.mlp(h_mlp), x
-        fused = None
-        if residual is not None and self.fused_input_norm and x.shape[0] == 1:
-            fused = self.self_attn.project_with_input_norm(x, residual, self.input_layernorm.eps, cos_sin, meta)
-        if fused is not None:
-            qkv, residual = fused
-            x = self.self_attn(cos_sin, None, meta, projected=qkv)
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
         else:
-            if residual is None:
-                residual, x = x, self.input_layernorm(x)
-            else:
-                x, residual = self.input_layernorm(x, residual)
-            x = self.self_attn(cos_sin, x, meta)
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(cos_sin, x, meta)
         if self.sandwich:
             x = self.post_attention_layernorm(x)
             x, residual = self.pre_feedforward_layernorm(x, residual)
@@ -386,33 +352,12 @@ class DecoderModel(nn.Module):
         self.fused_rope = False
 
     def enable_triton(self) -> None:
-        """Rotates q/k with the fused Triton kernel when every layer's attention allows it; with
-        PAGELLM_FOLD_INPUT_NORM=1 (an experiment, off by default) also folds the input norms in."""
+        """Rotates q/k with the fused Triton kernel when every layer's attention allows it."""
         attentions = [layer.self_attn for layer in self.layers]
         if self.rotary is not None and all(a.can_fuse_rope for a in attentions):
             self.fused_rope = True
             for a in attentions:
                 a.fused_rope = True
-        if os.environ.get("PAGELLM_FOLD_INPUT_NORM", "0") == "1":
-            self._fold_input_norms()
-
-    @torch.no_grad()
-    def _fold_input_norms(self) -> None:
-        """Multiplies each layer's input RMSNorm weight into its qkv_proj columns and sets the norm's
-        weight to 1, so a decode step of one row can run the norm inside the qkv launch
-        (DecoderAttention.project_with_input_norm) while every other step runs it as before. Only
-        for sequential pre-norm layers with RMSNorm, the fused RoPE path and no q/k norms."""
-        layers = list(self.layers)
-        foldable = all(not (layer.parallel or layer.sandwich or layer.self_attn.qk_norm or layer.fused_input_norm)
-                       and isinstance(layer.input_layernorm, RMSNorm) for layer in layers)
-        if not (self.fused_rope and foldable):
-            return
-        for layer in layers:
-            norm, weight = layer.input_layernorm, layer.self_attn.qkv_proj.weight
-            gain = norm.weight.float() + norm.offset                                        # [hidden]
-            weight.copy_((weight.float() * gain[None, :]).to(weight.dtype))
-            norm.weight.fill_(1.0 - norm.offset)
-            layer.fused_input_norm = True
 
     def forward(self, input_ids, positions, meta):
         x, residual = self.embed_tokens(input_ids), None  # [T, hidden]

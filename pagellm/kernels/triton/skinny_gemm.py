@@ -126,14 +126,12 @@ def _skinny_gemm_kernel(
     M, N, K, stride_xm, stride_wn, stride_om,
     positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_cs, stride_cache_block, stride_cache_slot, stride_cache_head, num_q_heads, num_kv_heads,
-    residual_ptr, residual_out_ptr, norm_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PARTIAL_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr, GATED: tl.constexpr, GATED_ONE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     ROPE_HALF: tl.constexpr, WRITE_CACHE: tl.constexpr, PAGE_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
-    NORM_ONE_ROW: tl.constexpr = False,
 ):
     wait_for_inputs(USE_PDL)  # x, and every buffer written below, belong to earlier kernels
     pid_n = tl.program_id(0)
@@ -166,19 +164,9 @@ def _skinny_gemm_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + offs_k                                             # [BK]
-        if NORM_ONE_ROW:
-            # The layer's input RMSNorm of one row, its weight folded into w: s = x + residual
-            # (rounded as an unfused add), stored once as the next residual; its squares summed.
-            w = tl.load(w_rows + ks[None, :])                                          # [BN, BK]
-            s = (tl.load(x_ptr + ks).to(tl.float32) + tl.load(residual_ptr + ks).to(tl.float32)).to(w.dtype)
-            if pid_n == 0:
-                tl.store(residual_out_ptr + ks, s)
-            sum_sq += s.to(tl.float32) * s.to(tl.float32)
-            a = _in_row_zero(s, BLOCK_M)                                               # [BM, BK]
-        elif EVEN_K:
+        if EVEN_K:
             w = tl.load(w_rows + ks[None, :])                                          # [BN, BK]
             a = _load_input(x_rows, x_ptr, ks, m_valid[:, None], K, GATED, GATED_ONE_ROW)  # [BM, BK]
         else:
@@ -197,8 +185,6 @@ def _skinny_gemm_kernel(
         out = acc
     else:
         out = tl.sum(acc, axis=1)[None, :]                                            # [1, BN]
-    if NORM_ONE_ROW:
-        out = out * tl.rsqrt(tl.sum(sum_sq, axis=0) / K + norm_eps)  # norm(s) @ w = (s @ w) / rms(s)
     store_mask = m_valid[:, None] & n_valid[None, :]
     if SPLIT_K > 1:
         # Serial split-K: park this slice's sum, count arrivals per output tile; the last program
@@ -306,21 +292,14 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def skinny_gemm_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, config: SkinnyGemmConfig,
                      num_q_heads: int, num_kv_heads: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                     kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     prenorm: tuple[torch.Tensor, float] | None = None
-                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """An attention layer's qkv projection with RoPE in its epilogue: x [M, K] @ weight [N, K]^T
     (+ bias), N = (num_q_heads + 2 * num_kv_heads) * D, returned [M, N] with the q and k heads
     rotated (non-interleaved layout, the whole head; cos_sin_cache [P, 2, D] fp32 as
     kernels/triton/rotary.py takes it, positions [M]). With `kv_cache` = (k_cache, v_cache,
     slot_mapping [M]) the rotated keys and the values also land in the paged cache (slots < 0
     skipped). Equals F.linear + qk_norm_rope_ (no q/k norm) up to fp32 rounding order.
-    Needs config.block_n // 2 to divide D // 2 (see rope_config).
-
-    With `prenorm` = (residual [1, K], eps) (one row of x, no split-K, K a multiple of block_k): the
-    layer's input RMSNorm runs in the product's K loop. The product reads s = x + residual
-    (rounded to x's dtype), normalized (s / rms(s)): the norm's weight must already be folded into
-    `weight`'s columns. Returns (qkv, s); s is the residual stream the layer goes on with."""
+    Needs config.block_n // 2 to divide D // 2 (see rope_config)."""
     from pagellm.kernels.triton.rotary import validate_kv_cache
     _check_inputs(x, weight, bias, config, False)
     num_rows, n = x.shape[0], weight.shape[0]
@@ -337,19 +316,8 @@ def skinny_gemm_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if kv_cache is not None:
         validate_kv_cache(kv_cache, num_rows, num_kv_heads, head_dim, x.dtype)
     out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
-    rope = (positions, cos_sin_cache, kv_cache, num_q_heads, num_kv_heads)
-    if prenorm is None:
-        _launch(x, weight, bias, out, config, False, rope=rope)
-        return out
-    residual, eps = prenorm
-    if num_rows != 1 or config.split_k != 1 or weight.shape[1] % config.block_k:
-        raise ValueError(f"prenorm takes one row, split_k 1 and K a multiple of block_k; got {num_rows} rows, "
-                         f"{config}, K {weight.shape[1]}")
-    if residual.shape != x.shape or residual.dtype != x.dtype or not (x.is_contiguous() and residual.is_contiguous()):
-        raise ValueError(f"prenorm's residual must be a contiguous {tuple(x.shape)} {x.dtype}, as x")
-    stream = torch.empty_like(x)  # not in place: other programs still read the residual
-    _launch(x, weight, bias, out, config, False, rope=rope, prenorm=(residual, stream, float(eps)))
-    return out, stream
+    _launch(x, weight, bias, out, config, False, rope=(positions, cos_sin_cache, kv_cache, num_q_heads, num_kv_heads))
+    return out
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyGemmConfig,
@@ -375,13 +343,11 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            config: SkinnyGemmConfig, gated: bool, rope: tuple | None = None,
-            prenorm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> None:
+            config: SkinnyGemmConfig, gated: bool, rope: tuple | None = None) -> None:
     num_rows = x.shape[0]
     n, k = weight.shape
     if num_rows == 0:
         return
-    residual, residual_out, norm_eps = prenorm if prenorm is not None else (x, x, 0.0)
     partials, arrivals = _split_k_workspace(x.device, n) if config.split_k > 1 else (out, out)
     if rope is not None:
         positions, cos_sin_cache, kv_cache, num_q_heads, num_kv_heads = rope
@@ -398,7 +364,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, out, partials, arrivals,
         num_rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        *rope_args, residual, residual_out, norm_eps,
+        *rope_args,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, PARTIAL_ROWS=MAX_SKINNY_ROWS,
         EVEN_K=k % config.block_k == 0, GATED=gated, HAS_BIAS=bias is not None,
@@ -406,7 +372,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         USE_DOT=config.block_m > 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_IN_FP32=x.device.type != "cuda" and x.dtype != torch.float32,
-        ROPE_HALF=rope_half, WRITE_CACHE=kv_cache is not None, PAGE_SIZE=page_size, NORM_ONE_ROW=prenorm is not None,
+        ROPE_HALF=rope_half, WRITE_CACHE=kv_cache is not None, PAGE_SIZE=page_size,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(x.device, num_rows),
     )
 
