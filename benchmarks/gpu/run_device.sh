@@ -18,7 +18,12 @@ variant() { local v=$1 dir=$PWD; shift; [[ $v == BASEDIR=* ]] && dir=$PWD/${v#BA
 R=$PWD
 for s in $STAGES; do case $s in
 check) timeout 240 python3 benchmarks/gpu/check_backends.py 2>&1 | tee $OUT/check.log | grep -E "PASS|FAIL|Error|error" ;;
-kernels) timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_fused_kernels.py tests/test_sampler.py tests/test_skinny_gemm.py tests/test_gumbel_kernel.py tests/test_sampling_kernels.py tests/test_decode_graph_inputs.py 2>&1 | tail -3 ;;
+# Every test file with kernel or GPU tests, one process each at once: Triton's compiles (most of the
+# time) run on the host's cores in parallel.
+kernels) pids=""; for f in triton_kernels fused_kernels sampler skinny_gemm gumbel_kernel sampling_kernels decode_graph_inputs \
+                  logits_into_buffer pdl embeddings moe; do
+           (timeout ${KERNELS_TIMEOUT:-400} python3 -m pytest -q tests/test_$f.py > $OUT/test_$f.log 2>&1; echo "test_$f.py: $(tail -1 $OUT/test_$f.log)") & pids="$pids $!"
+         done; wait $pids; grep -h "^FAILED\|^ERROR" $OUT/test_*.log | head -20 ;;
 watch) TRITON_CACHE_DIR=$(mktemp -d) timeout 200 python3 benchmarks/gpu/compile_watch.py --model $Q --load-format dummy --dtype bfloat16 --workload gpu-thr --max-model-len 4096 > $OUT/watch.log 2>&1
        grep -n "engine ready\|Throughput" $OUT/watch.log; sed -n '/engine ready/,$p' $OUT/watch.log | grep -c "^\[compile" ;;
 samptest) timeout 200 python3 -m pytest -q tests/test_sampling_kernels.py tests/test_gumbel_kernel.py tests/test_sampler.py 2>&1 | tail -3 ;;
