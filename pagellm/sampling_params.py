@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import copy
 import enum
+import logging
 import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# Below this temperature sampling is treated as greedy (argmax): dividing logits by a
-# temperature this small would only overflow towards a one-hot distribution anyway.
+logger = logging.getLogger(__name__)
+
+# Below this temperature sampling is treated as greedy (argmax). A temperature given on
+# creation never is, unless 0: smaller positive values are raised to MIN_TEMPERATURE.
 SAMPLING_EPS = 1e-5
+
+# As in vLLM: a positive temperature below this is raised to it (dividing logits by less
+# risks inf / nan), and the request still samples.
+MIN_TEMPERATURE = 1e-2
 
 # Upper bound on `logprobs` / `prompt_logprobs` (the OpenAI API allows at most 20).
 MAX_LOGPROBS = 20
@@ -188,7 +195,9 @@ class SamplingParams:
     """How to generate text for one prompt (vLLM-compatible names and defaults).
 
     Mutable like vLLM's, but every field is validated (and normalised: ``stop`` becomes a
-    list, ``top_k=-1`` becomes 0, string ``logit_bias`` keys become ints) on creation.
+    list, ``top_k=-1`` becomes 0, ``seed=-1`` becomes None, a temperature in (0, 0.01) becomes
+    0.01, string ``logit_bias`` keys become ints) on creation: only ``temperature=0`` is greedy.
+    ``best_of`` may only repeat ``n``: best_of > n is not supported.
     Mutating a field afterwards skips validation; build a new object instead.
 
     Raises:
@@ -227,8 +236,11 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.best_of is not None:
             self.best_of = _require_int("best_of", self.best_of)
-            if self.best_of < self.n:
-                raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of}")
+            # Nothing ranks best_of > n candidates (vLLM V1 refuses it too): accepting it would
+            # silently return n plain samples.
+            if self.best_of != self.n:
+                raise ValueError(f"best_of must equal n ({self.n}) or be None (best_of > n is not supported), "
+                                 f"got {self.best_of}")
 
         self.presence_penalty = _require_float("presence_penalty", self.presence_penalty)
         _require_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
@@ -241,6 +253,10 @@ class SamplingParams:
         self.temperature = _require_float("temperature", self.temperature)
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            logger.warning("temperature %g is below %g, which may overflow the logits; raised to %g",
+                           self.temperature, MIN_TEMPERATURE, MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
         self.top_p = _require_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -254,9 +270,14 @@ class SamplingParams:
 
         if self.seed is not None:
             self.seed = _require_int("seed", self.seed)
-            # The range torch.Generator.manual_seed accepts.
-            if not -(2**63) <= self.seed < 2**64:
-                raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
+            if self.seed == -1:
+                self.seed = None  # vLLM's (and the OpenAI API's) "no seed"
+        if self.seed is not None:
+            # The range torch.Generator.manual_seed accepts, for every sibling: sibling i of an
+            # n > 1 request samples with seed + i.
+            if not -(2**63) <= self.seed <= 2**64 - self.n:
+                raise ValueError(f"seed must be in [-2**63, 2**64 - n] (sibling i of n uses seed + i), "
+                                 f"got {self.seed} with n={self.n}")
 
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_token_ids("stop_token_ids", self.stop_token_ids)

@@ -136,11 +136,13 @@ def test_normalisation() -> None:
 
 
 def test_greedy_detection_and_reset() -> None:
-    greedy = SamplingParams(temperature=1e-6, top_k=5, top_p=0.5, min_p=0.2, seed=3)
+    greedy = SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_p=0.2, seed=3)
     assert greedy.is_greedy
     assert greedy.sampling_type is SamplingType.GREEDY
     # Truncation is meaningless for argmax, so it is cleared (vLLM does the same).
     assert (greedy.top_k, greedy.top_p, greedy.min_p) == (0, 1.0, 0.0)
+    # As in vLLM, a tiny positive temperature is raised to 0.01 and still samples.
+    assert not SamplingParams(temperature=1e-6).is_greedy
     assert not SamplingParams(temperature=1e-4).is_greedy
     assert SamplingParams(seed=1).sampling_type is SamplingType.RANDOM_SEED
 

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from typing import Any, Mapping
 
 PromptType = str | list[int] | Mapping[str, Any]
 
 
 def check_token_ids(ids, vocab_size: int) -> list[int]:
-    """A prompt's token ids as a list; ValueError unless it is a non-empty list of ints in [0, vocab_size)."""
+    """A prompt's token ids as a list of ints; ValueError unless it is a non-empty list of integers
+    in [0, vocab_size)."""
+    if not isinstance(ids, Iterable):
+        raise ValueError(f"prompt_token_ids must be a list of token ids; got {type(ids).__name__}")
     ids = list(ids)
     if not ids:
         raise ValueError("prompt must not be empty (prompt_token_ids has no tokens)")
     # The common case at C speed (a 1,000-token prompt in ~20 us): plain ints, all in range.
     if set(map(type, ids)) == {int} and 0 <= min(ids) and max(ids) < vocab_size:
         return ids
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+    for t in ids:  # integers of other types (numpy's) are taken as ints
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size:
             raise ValueError(f"prompt_token_ids must be ints in [0, {vocab_size}); got {t!r}")
-    return ids
+    return [int(t) for t in ids]
 
 
 class InputProcessor:

@@ -181,15 +181,16 @@ class LLM:
         engine = self.llm_engine
         # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
         validated = [engine.validate(p, sp) for p, sp in zip(prompts, params)]
-        ids = []
-        for prompt, sp, checked in zip(prompts, params, validated):
-            rid = engine.new_request_id()
-            engine.add_request(rid, prompt, sp, validated=checked, stream=False)
-            ids.append(rid)
+        ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
-        bar = _progress_bar(len(ids)) if use_tqdm else None
+        bar = _progress_bar(len(prompts)) if use_tqdm else None
         start, out_tokens = time.perf_counter(), 0
         try:
+            # Inside the try: a request that fails to queue takes back those queued before it.
+            for prompt, sp, checked in zip(prompts, params, validated):
+                rid = engine.new_request_id()
+                engine.add_request(rid, prompt, sp, validated=checked, stream=False)
+                ids.append(rid)
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished:
