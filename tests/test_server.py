@@ -460,3 +460,110 @@ def test_prefix_cache_metrics_and_reset(server, auth, client):
     client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
     final = _metrics(server)
     assert final["pagellm:prefix_cache_hits_total{}"] == after["pagellm:prefix_cache_hits_total{}"]
+
+
+# ---- wire-format details that clients written for OpenAI and vLLM rely on ---------------------------
+
+
+def _sse_events(server, auth, endpoint: str, body: dict) -> list[dict]:
+    """The JSON payloads of a streamed answer, checking that it ends with `data: [DONE]`."""
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", server["base"] + endpoint, json=body, headers=auth) as response:
+            assert response.status_code == 200, response.read()
+            lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+# ---- echo with max_tokens 0: scoring a prompt (lm-evaluation-harness's loglikelihood) ----------------
+
+
+def test_echo_with_zero_max_tokens_returns_the_prompt_and_its_logprobs(server, auth, client):
+    prompt = "Score this sentence"
+    num_prompt = len(_tokens(server, auth, prompt=prompt))
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    choice = out.choices[0]
+    assert choice.text == prompt  # the prompt and nothing generated
+    assert choice.finish_reason == "length"
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == num_prompt
+    assert "".join(lp.tokens) == prompt
+    assert lp.token_logprobs[0] is None and all(x is not None and x <= 0.0 for x in lp.token_logprobs[1:])
+    assert out.usage.prompt_tokens == num_prompt and out.usage.completion_tokens == 0
+    # The same logprobs as the prompt part of an echo that does generate.
+    longer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1,
+                                       temperature=0)
+    assert longer.choices[0].logprobs.token_logprobs[:num_prompt] == pytest.approx(lp.token_logprobs)
+
+    # Batched token-id prompts, as evaluation harnesses send them; and streamed.
+    ids = [[10, 20, 30], [40, 50]]
+    batch = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert sorted(len(c.logprobs.tokens) for c in batch.choices) == [2, 3]
+    assert batch.usage.completion_tokens == 0
+    events = _sse_events(server, auth, "/v1/completions",
+                         {"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": True, "stream": True,
+                          "stream_options": {"include_usage": True}})
+    pieces = [e["choices"][0] for e in events if e["choices"]]
+    assert "".join(p["text"] for p in pieces) == prompt
+    assert pieces[-1]["finish_reason"] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == 0
+
+
+def test_zero_max_tokens_without_echo_is_still_a_bad_request(server, auth):
+    r = httpx.post(server["base"] + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 0},
+                   headers=auth, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "max_tokens"
+
+
+# ---- stream_options.continuous_usage_stats (vLLM): usage on every chunk -------------------------------
+
+
+@pytest.mark.parametrize("endpoint,prompt", [("/v1/completions", {"prompt": "Count with me"}),
+                                             ("/v1/chat/completions",
+                                              {"messages": [{"role": "user", "content": "Count with me"}]})])
+def test_continuous_usage_stats_puts_usage_on_every_chunk(server, auth, endpoint, prompt):
+    body = {"model": MODEL, **prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    events = _sse_events(server, auth, endpoint, body)
+    final = events[-1]
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 4
+    with_choices = events[:-1]
+    assert with_choices and all(e["choices"] and e["usage"] is not None for e in with_choices)
+    counts = [e["usage"]["completion_tokens"] for e in with_choices]
+    assert counts == sorted(counts) and counts[-1] == 4
+    for e in with_choices:
+        usage = e["usage"]
+        assert usage["prompt_tokens"] == final["usage"]["prompt_tokens"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # Without the flag only the last chunk carries usage.
+    plain = _sse_events(server, auth, endpoint, {**body, "stream_options": {"include_usage": True}})
+    assert all(e["usage"] is None for e in plain[:-1]) and plain[-1]["usage"]["completion_tokens"] == 4
+
+
+# ---- errors name the field the client sent ---------------------------------------------------------
+
+_HI = [{"role": "user", "content": "hi"}]
+_FIELD_ERRORS = [
+    # (endpoint, body, param, code)
+    ("/v1/completions", {"prompt": [5] * 300, "max_tokens": 2}, "prompt", "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, "max_tokens", "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 300}]}, "messages",
+     "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": _HI, "max_tokens": 10**6}, "max_tokens", "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": _HI, "max_completion_tokens": 10**6}, "max_completion_tokens",
+     "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": _HI, "max_completion_tokens": 0}, "max_completion_tokens", None),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,param,code", _FIELD_ERRORS,
+                         ids=[f"{i}-{c[0].split('/')[2]}-{c[2]}" for i, c in enumerate(_FIELD_ERRORS)])
+def test_error_param_and_code_name_what_the_client_sent(server, auth, endpoint, body, param, code):
+    r = httpx.post(server["base"] + endpoint, json={"model": MODEL, **body}, headers=auth, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert (error["param"], error["code"]) == (param, code), error

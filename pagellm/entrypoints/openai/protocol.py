@@ -60,7 +60,8 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions. `prompt`: a string, strings, token ids, or lists of token ids."""
 
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    # OpenAI's default; an explicit null means "up to the context length".
+    # OpenAI's default; an explicit null means "up to the context length"; 0 with echo
+    # returns the prompt alone (to score it, with logprobs).
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = None
     echo: Optional[bool] = False

@@ -14,10 +14,13 @@ from pydantic import BaseModel
 
 from pagellm.engine.async_engine import AsyncLLMEngine, EngineStepError
 from pagellm.entrypoints.openai.errors import OpenAIError, bad_request, model_not_found
-from pagellm.entrypoints.openai.protocol import ChatMessage
+from pagellm.entrypoints.openai.protocol import ChatMessage, SamplingFields
 from pagellm.sampling_params import SamplingParams, generation_config_defaults
 
 T = TypeVar("T")
+
+# OpenAI's error code for a prompt (plus max_tokens) longer than the context.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 
 class ClientDisconnected(Exception):
@@ -65,22 +68,25 @@ class OpenAIServing:
             left = min(left, int(self.model_max_tokens))
         return left
 
-    def check_context(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
-        """400 with both lengths when the prompt plus the completion cannot fit the context."""
+    def check_context(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str = "messages",
+                      max_tokens_param: str = "max_tokens") -> None:
+        """400 with both lengths when the prompt plus the completion cannot fit the context;
+        `param` names the request field (as the client sent it) that is too long, and `code`
+        is OpenAI's "context_length_exceeded"."""
         limit = self.max_model_len
         if max_tokens is None or num_prompt_tokens >= limit:
             if num_prompt_tokens >= limit:
                 raise OpenAIError(
                     f"This model's maximum context length is {limit} tokens. However, your request has "
                     f"{num_prompt_tokens} input tokens. Please reduce the length of the input messages.",
-                    400, param="messages")
+                    400, param=prompt_param, code=CONTEXT_LENGTH_EXCEEDED)
             return
         if num_prompt_tokens + max_tokens > limit:
             raise OpenAIError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, {max_tokens} in "
                 f"the completion). Please reduce the length of the messages or completion.",
-                400, param="max_tokens")
+                400, param=max_tokens_param, code=CONTEXT_LENGTH_EXCEEDED)
 
     # ---- engine-thread helpers ----------------------------------------------------------------
     # The tokenizer is not thread-safe (its Rust core refuses concurrent mutable use), so
@@ -166,6 +172,13 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+def continuous_usage(request: SamplingFields) -> bool:
+    """Whether every chunk of a stream carries the usage so far: vLLM's
+    `stream_options.continuous_usage_stats`, which takes effect only with `include_usage`."""
+    options = request.stream_options
+    return bool(options is not None and options.include_usage and options.continuous_usage_stats)
 
 
 def stream_error(exc: BaseException) -> str:

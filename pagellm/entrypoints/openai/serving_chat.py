@@ -17,7 +17,7 @@ from pagellm.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogprobs,
                                                  ChatStreamChoice, DeltaMessage, UsageInfo)
 from pagellm.entrypoints.openai.request_params import build_beam_search_params, build_sampling_params
 from pagellm.entrypoints.openai.serving_base import (SSE_DONE, OpenAIServing, await_unstreamed,
-                                                     merge_streams, sse, stream_error)
+                                                     continuous_usage, merge_streams, sse, stream_error)
 from pagellm.entrypoints.openai.text_stream import TextDeltaStream
 from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import BeamSearchParams, SamplingParams
@@ -61,7 +61,11 @@ class OpenAIServingChat(OpenAIServing):
         text, ids = self.render_chat_sync(request.messages, request.add_generation_prompt,
                                           request.continue_final_message, request.chat_template_kwargs)
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        self.check_context(len(ids), max_tokens)
+        # Errors name the field the client sent: the newer max_completion_tokens wins.
+        field_names = {"logprobs": "top_logprobs"}
+        if request.max_completion_tokens is not None:
+            field_names["max_tokens"] = "max_completion_tokens"
+        self.check_context(len(ids), max_tokens, max_tokens_param=field_names.get("max_tokens", "max_tokens"))
         if max_tokens is None:
             max_tokens = self.max_tokens_left(len(ids))
         logprobs = _num_logprobs(request)
@@ -72,7 +76,7 @@ class OpenAIServingChat(OpenAIServing):
                                SamplingParams(max_tokens=max_tokens, ignore_eos=request.ignore_eos))
             return params, text, ids
         sampling = build_sampling_params(request, self.default_params, max_tokens, logprobs, request.prompt_logprobs,
-                                         field_names={"logprobs": "top_logprobs"})
+                                         field_names=field_names)
         self.validate_sync({"prompt": text, "prompt_token_ids": ids}, sampling)
         return sampling, text, ids
 
@@ -107,8 +111,11 @@ class OpenAIServingChat(OpenAIServing):
         else:
             n, text_params = params.n, params
 
-        def chunk(choice: ChatStreamChoice) -> str:
-            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
+        with_usage = continuous_usage(request)
+
+        def chunk(choice: ChatStreamChoice, completion_tokens: int) -> str:
+            usage = UsageInfo.of(num_prompt_tokens, completion_tokens) if with_usage else None
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice], usage=usage))
 
         texts = [TextDeltaStream(text_params) for _ in range(n)]
         sent_tokens = [0] * n
@@ -116,7 +123,7 @@ class OpenAIServingChat(OpenAIServing):
         try:
             # The role goes first, before any token, as OpenAI's stream does.
             for index in range(n):
-                yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
+                yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")), 0)
             async for _, out in merge_streams([stream]):
                 for c in out.outputs:
                     if done[c.index]:
@@ -131,7 +138,7 @@ class OpenAIServingChat(OpenAIServing):
                     done[c.index] = finished
                     yield chunk(ChatStreamChoice(index=c.index, delta=DeltaMessage(content=text or None),
                                                  logprobs=logprobs, finish_reason=c.finish_reason,
-                                                 stop_reason=c.stop_reason))
+                                                 stop_reason=c.stop_reason), end)
             if request.stream_options is not None and request.stream_options.include_usage:
                 usage = UsageInfo.of(num_prompt_tokens, sum(sent_tokens))
                 yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage))

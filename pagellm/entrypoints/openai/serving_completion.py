@@ -4,7 +4,7 @@ beam-searched (`use_beam_search`)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Sequence
 
 from fastapi import Request
@@ -16,7 +16,8 @@ from pagellm.entrypoints.openai.protocol import (CompletionChoice, CompletionLog
                                                  CompletionResponse, UsageInfo)
 from pagellm.entrypoints.openai.request_params import build_beam_search_params, build_sampling_params
 from pagellm.entrypoints.openai.serving_base import (SSE_DONE, OpenAIServing, await_unstreamed,
-                                                     merge_streams, prompt_list, sse, stream_error)
+                                                     continuous_usage, merge_streams, prompt_list, sse,
+                                                     stream_error)
 from pagellm.entrypoints.openai.text_stream import TextDeltaStream
 from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import BeamSearchParams, SamplingParams
@@ -33,11 +34,22 @@ class _Prompt:
     token_ids: list[int]
     params: SamplingParams | BeamSearchParams  # BeamSearchParams with use_beam_search
     first_token_text: str = ""  # the text of token 0, for echoed logprobs
+    # echo with max_tokens 0: the answer is the prompt alone (how clients score a prompt).
+    # The engine still generates one token, which the answer leaves out.
+    echo_only: bool = False
 
     @property
     def text_params(self) -> SamplingParams:
         """The params that decide how the streamed text is cut (stop strings)."""
         return self.params if isinstance(self.params, SamplingParams) else _BEAM_TEXT_PARAMS
+
+    def visible(self, c: CompletionOutput) -> CompletionOutput:
+        """What the answer shows of `c`: all of it, or for `echo_only` none of its tokens
+        (finished for "length": max_tokens 0 was reached)."""
+        if not self.echo_only:
+            return c
+        return replace(c, text="", token_ids=[], logprobs=[] if c.logprobs is not None else None,
+                       finish_reason="length" if c.finish_reason is not None else None, stop_reason=None)
 
 
 @dataclass
@@ -98,6 +110,7 @@ class OpenAIServingCompletion(OpenAIServing):
         """Tokenizes and checks every prompt (on the engine thread). Raises OpenAIError(400)."""
         # An explicit "max_tokens": null asks for the rest of the context (vLLM); absent means 16.
         to_context = "max_tokens" in request.model_fields_set and request.max_tokens is None
+        echo_only = bool(request.echo) and request.max_tokens == 0
         want_prompt_logprobs = request.prompt_logprobs
         if request.echo and request.logprobs is not None:
             want_prompt_logprobs = max(want_prompt_logprobs or 0, request.logprobs)
@@ -108,7 +121,9 @@ class OpenAIServingCompletion(OpenAIServing):
             if not ids:
                 raise OpenAIError("prompt must not be empty", 400, param="prompt")
             max_tokens = self.max_tokens_left(len(ids)) if to_context else request.max_tokens
-            self.check_context(len(ids), max_tokens)
+            if echo_only:
+                max_tokens = 1  # the engine needs at least one; `visible` drops it
+            self.check_context(len(ids), max_tokens, prompt_param="prompt")
             params: SamplingParams | BeamSearchParams
             if request.use_beam_search:
                 params = build_beam_search_params(request, max_tokens, request.logprobs)
@@ -119,7 +134,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 params = build_sampling_params(request, self.default_params, max_tokens, request.logprobs,
                                                want_prompt_logprobs)
                 self.validate_sync({"prompt": text, "prompt_token_ids": ids}, params)
-            entry = _Prompt(text, ids, params)
+            entry = _Prompt(text, ids, params, echo_only=echo_only)
             if request.echo:
                 if entry.text is None:
                     entry.text = self.decode_sync(ids)
@@ -133,7 +148,7 @@ class OpenAIServingCompletion(OpenAIServing):
                   finals: list[RequestOutput]) -> CompletionResponse:
         choices, completion_tokens = [], 0
         for i, (prompt, out) in enumerate(zip(prompts, finals)):
-            for c in out.outputs:
+            for c in map(prompt.visible, out.outputs):
                 completion_tokens += len(c.token_ids)
                 text = c.text
                 logprobs = None
@@ -171,6 +186,7 @@ class OpenAIServingCompletion(OpenAIServing):
                       streams: Sequence[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
         created = int(time.time())
         states: dict[tuple[int, int], _ChoiceState] = {}
+        with_usage = continuous_usage(request)
         try:
             async for i, out in merge_streams(streams):
                 prompt = prompts[i]
@@ -181,9 +197,12 @@ class OpenAIServingCompletion(OpenAIServing):
                         state = states[(i, c.index)] = _ChoiceState(TextDeltaStream(prompt.text_params), builder)
                     if state.done:
                         continue
-                    chunk = self._chunk(request, prompt, out, c, state, index=i * request.n + c.index)
+                    chunk = self._chunk(request, prompt, out, prompt.visible(c), state,
+                                        index=i * request.n + c.index)
                     if chunk is not None:
-                        yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[chunk]))
+                        usage = UsageInfo.of(len(prompt.token_ids), state.num_tokens) if with_usage else None
+                        yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[chunk],
+                                                     usage=usage))
             if request.stream_options is not None and request.stream_options.include_usage:
                 prompt_tokens = sum(len(p.token_ids) for p in prompts)
                 usage = UsageInfo.of(prompt_tokens, sum(s.num_tokens for s in states.values()))
