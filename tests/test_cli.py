@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_FLAGS = ["--host", "--port", "--api-key", "--served-model-name", "--dtype", "--max-model-len",
                "--max-num-seqs", "--max-num-batched-tokens", "--gpu-memory-utilization", "--kv-cache-memory",
                "--chat-template", "--generation-config", "--enforce-eager", "--seed", "--uvicorn-log-level",
-               "--load-format"]
+               "--load-format", "--allowed-origins", "--allowed-methods", "--allowed-headers", "--allow-credentials"]
 
 
 def _subparser(parser, *path):
@@ -56,6 +56,20 @@ def test_serve_flags_become_engine_args_and_server_config(monkeypatch, tmp_path)
     assert config.api_key == "from-env"
     args.api_key = "from-flag"
     assert cli.server_config_from(args).api_key == "from-flag"
+
+
+def test_cors_flags_take_json_lists_as_vllm():
+    default = cli.server_config_from(cli.build_parser().parse_args(["serve"]))
+    assert (default.allowed_origins, default.allowed_methods, default.allowed_headers) == (("*",), ("*",), ("*",))
+    assert not default.allow_credentials
+    args = cli.build_parser().parse_args(["serve", "--allowed-origins", '["http://a.test", "http://b.test"]',
+                                          "--allowed-methods", '["GET", "POST"]', "--allow-credentials"])
+    config = cli.server_config_from(args)
+    assert config.allowed_origins == ("http://a.test", "http://b.test") and config.allowed_methods == ("GET", "POST")
+    assert config.allowed_headers == ("*",) and config.allow_credentials
+    for bad in ("http://a.test", '{"a": 1}', "[1]"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", "--allowed-origins", bad])
 
 
 def test_bad_flag_values_are_reported():

@@ -567,3 +567,32 @@ def test_error_param_and_code_name_what_the_client_sent(server, auth, endpoint, 
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error"
     assert (error["param"], error["code"]) == (param, code), error
+
+
+def test_chat_stream_deltas_carry_only_their_keys(server, auth):
+    # OpenAI (and vLLM) send the role once, then content-only deltas, and `{}` with the finish
+    # reason: never `"role": null` / `"content": null`, which strict clients reject.
+    events = _sse_events(server, auth, "/v1/chat/completions",
+                         {"model": MODEL, "messages": [{"role": "user", "content": "Count with me"}],
+                          "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True})
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert all(set(d) <= {"content"} and d.get("content") is not None for d in deltas[1:-1])
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(value is not None for value in deltas[-1].values())
+
+
+def test_cors_lets_browsers_call_the_api(server, auth):
+    # vLLM's defaults: any origin. A preflight is answered before the key check, and a 401 carries
+    # the CORS headers so a browser page can read it.
+    origin = {"Origin": "http://ui.example"}
+    preflight = httpx.options(server["base"] + "/v1/chat/completions", timeout=30,
+                              headers={**origin, "Access-Control-Request-Method": "POST",
+                                       "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    models = httpx.get(server["base"] + "/v1/models", headers={**origin, **auth}, timeout=30)
+    assert models.status_code == 200 and models.headers["access-control-allow-origin"] == "*"
+    denied = httpx.get(server["base"] + "/v1/models", headers=origin, timeout=30)
+    assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "*"

@@ -7,6 +7,7 @@ the engine, uvicorn) happen inside the subcommands, so `pagellm --help` is insta
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -131,8 +132,25 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level (default: info)")
+    for flag, what in (("origins", "origins"), ("methods", "HTTP methods"), ("headers", "request headers")):
+        g.add_argument(f"--allowed-{flag}", type=_json_string_list(f"--allowed-{flag}"), default=["*"],
+                       help=f'CORS: the {what} allowed, as a JSON list (default: ["*"])')
+    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     add_engine_arguments(p)
     p.set_defaults(handler=cmd_serve)
+
+
+def _json_string_list(flag: str) -> Callable[[str], list[str]]:
+    """Parser of a flag given as a JSON list of strings, as vLLM's CORS flags are."""
+    def parse(text: str) -> list[str]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise argparse.ArgumentTypeError(f"{flag} takes a JSON list of strings, e.g. '[\"*\"]'; got {text!r}")
+        return value
+    return parse
 
 
 def server_config_from(args: argparse.Namespace):
@@ -142,7 +160,9 @@ def server_config_from(args: argparse.Namespace):
     return ServerConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                         served_model_names=tuple(args.served_model_name or ()),
                         chat_template=load_chat_template(args.chat_template),
-                        uvicorn_log_level=args.uvicorn_log_level)
+                        uvicorn_log_level=args.uvicorn_log_level, allowed_origins=tuple(args.allowed_origins),
+                        allowed_methods=tuple(args.allowed_methods), allowed_headers=tuple(args.allowed_headers),
+                        allow_credentials=args.allow_credentials)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class OpenAIModel(BaseModel):
@@ -204,8 +204,15 @@ class ChatCompletionResponse(OpenAIModel):
 
 
 class DeltaMessage(OpenAIModel):
+    """A stream chunk's delta. Only the keys it carries are sent, as OpenAI and vLLM send them:
+    `{"role": "assistant", "content": ""}` first, then `{"content": "..."}`, and `{}` at the end."""
+
     role: Optional[str] = None
     content: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatStreamChoice(OpenAIModel):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 import pagellm
@@ -41,6 +42,11 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()  # empty: the model's own name
     chat_template: str | None = None  # template text (already read from a file if one was given)
     uvicorn_log_level: str = "info"
+    # CORS, as vLLM's flags set it (defaults: any origin, method and header; no credentials).
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -92,6 +98,11 @@ def build_base_app(engine: ServedEngine, config: ServerConfig, names: Sequence[s
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    # Added last, so outermost: preflights are answered before the key check, and a 401 carries
+    # the CORS headers a browser needs to read it.
+    app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                       allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
+                       allow_credentials=config.allow_credentials)
 
     @app.get("/health")
     async def health() -> Response:
