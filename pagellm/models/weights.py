@@ -26,6 +26,11 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
             continue
         module_path, _, leaf = name.rpartition(".")
         parent, _, child = module_path.rpartition(".")
+        # A linear layer holds a weight and a bias only: anything else (a quantization scale, say)
+        # would otherwise land in its bias.
+        on_linear = child in packed or isinstance(modules.get(module_path), Linear)
+        if on_linear and leaf not in ("weight", "bias"):
+            raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
         if child in packed:
             fused, shard = packed[child]
             target = f"{parent}.{fused}" if parent else fused
