@@ -83,6 +83,10 @@ class LLMEngine:
         mode = os.environ.get("PAGELLM_ASYNC_STEPS", "1")
         self.async_steps = mode == "force" or (device.type == "cuda" and mode != "0")
         self._in_flight = None
+        # Set when a request reuses the id of one in the step in flight (aborted or finished
+        # since): the runner finds a request's unread token in that step by id, so the new request
+        # would take the old one's token as its own. The next step reads that step first.
+        self._id_reused_in_flight = False
         self._ids = itertools.count()
         self.num_preemptions = 0
         self.prompt_tokens_total = 0
@@ -164,6 +168,9 @@ class LLMEngine:
         # Siblings share the prompt's blocks once the first one has computed them.
         for child in children[1:]:
             child.fork_source = children[0]
+        if self._in_flight is not None and not self._id_reused_in_flight:
+            child_ids = {child.request_id for child in children}
+            self._id_reused_in_flight = any(item.request.request_id in child_ids for item in self._in_flight.scheduled)
         self.groups[request_id] = children
         if not stream:
             self.final_only.add(request_id)
@@ -199,7 +206,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
         outputs: list[RequestOutput] = []
-        sync = not self.async_steps or any(self._needs_sync(item.request) for item in sched.scheduled)
+        sync = (not self.async_steps or self._id_reused_in_flight
+                or any(self._needs_sync(item.request) for item in sched.scheduled))
+        self._id_reused_in_flight = False
         if self._in_flight is not None and sync:
             outputs += self._apply(self._in_flight)
             self._in_flight = None
