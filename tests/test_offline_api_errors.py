@@ -115,3 +115,20 @@ def test_numpy_integer_token_ids_are_taken_as_ints(tiny_llm) -> None:
     with pytest.raises(ValueError, match="prompt_token_ids"):
         tiny_llm.generate({"prompt_token_ids": [np.float32(3.0)]}, params, use_tqdm=False)
     _idle(tiny_llm)
+
+
+# ---- named chat templates ---------------------------------------------------------------------------------
+def test_named_chat_templates_pick_the_default(tiny_llm) -> None:
+    # tokenizer_config.json may hold a list of named templates, which transformers loads as a dict:
+    # chat uses "default" (as transformers and vLLM do), and an explicit template still wins.
+    processor = tiny_llm.llm_engine.inputs
+    tokenizer = processor.tokenizer
+    saved = tokenizer.chat_template
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        tokenizer.chat_template = {"default": "D:{{ messages[0]['content'] }}",
+                                   "tool_use": "T:{{ messages[0]['content'] }}"}
+        assert processor.render_chat(messages) == "D:hi"
+        assert processor.render_chat(messages, chat_template="X:{{ messages[0]['content'] }}") == "X:hi"
+    finally:
+        tokenizer.chat_template = saved

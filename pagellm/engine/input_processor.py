@@ -68,12 +68,13 @@ class InputProcessor:
         for m in messages:
             if not isinstance(m, Mapping) or "role" not in m:
                 raise ValueError("each message must be a dict with 'role' and 'content'")
-        template = chat_template or getattr(self.tokenizer, "chat_template", None)
-        if not template:
+        if not (chat_template or getattr(self.tokenizer, "chat_template", None)):
             raise ValueError("the model has no chat template; pass chat_template=")
         normalised = [dict(m, content=_content_text(m.get("content"))) for m in messages]
+        # None leaves the model's template to transformers, which also picks among named ones
+        # (tokenizer_config.json's list of {"name", "template"}: "default", or "tool_use" with tools).
         return self.tokenizer.apply_chat_template(
-            normalised, chat_template=template, add_generation_prompt=add_generation_prompt,
+            normalised, chat_template=chat_template or None, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tokenize=False, **(chat_template_kwargs or {}))
 
     def encode_chat(self, text: str) -> list[int]:
