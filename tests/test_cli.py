@@ -111,6 +111,61 @@ def test_bench_serve_arrivals_and_workload():
     assert len(work.prompts) == 4 and all(50 <= len(p) <= 256 for p in work.prompts)
 
 
+def test_bench_latency_writes_vllms_json_keys(monkeypatch, tmp_path):
+    """vLLM's latency JSON: avg_latency, latencies and percentiles (seconds); pagellm's keys stay."""
+    import json
+
+    import pagellm
+    from pagellm.benchmarks import latency
+
+    runs = iter([(0.1, 0.01, 1.0), (0.1, 0.01, 2.0), (0.1, 0.01, 3.0), (0.1, 0.01, 4.0)])
+    monkeypatch.setattr(pagellm, "LLM", lambda *a, **k: type("FakeLLM", (), {"llm_engine": None})())
+    monkeypatch.setattr(latency, "_one_run", lambda engine, prompts, output_len: next(runs))
+    out = tmp_path / "lat.json"
+    args = cli.build_parser().parse_args(["bench", "latency", "--input-len", "4", "--output-len", "3",
+                                          "--batch-size", "2", "--num-iters-warmup", "0", "--num-iters", "4",
+                                          "--output-json", str(out)])
+    latency.main(args)
+    r = json.loads(out.read_text())
+    assert r["latencies"] == [1.0, 2.0, 3.0, 4.0] and r["avg_latency"] == 2.5
+    assert set(r["percentiles"]) == {"10", "25", "50", "75", "90", "99"} and r["percentiles"]["50"] == 2.5
+    assert abs(r["tpot_ms_median"] - 10.0) < 1e-9 and len(r["tpot_ms_all"]) == 4
+
+
+def test_bench_throughput_takes_vllms_flags_and_writes_its_keys(monkeypatch, tmp_path):
+    """`--dataset-name random` parses (throughput and serve); the JSON has vLLM's total_num_tokens."""
+    import json
+    from types import SimpleNamespace
+
+    from pagellm.benchmarks import throughput
+
+    def generate(prompts, params, use_tqdm=False):
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[0] * p.max_tokens)],
+                                metrics=SimpleNamespace(arrival_time=0.0, first_token_time=0.01)) for p in params]
+
+    engine = SimpleNamespace(num_preemptions=0, stats=lambda: SimpleNamespace(prefix_cache_hit_rate=0.0))
+    monkeypatch.setattr(throughput, "make_llm", lambda args: SimpleNamespace(generate=generate, llm_engine=engine))
+    out = tmp_path / "thr.json"
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "throughput", "--dataset-name", "random", "--random-input-len", "8",
+                              "--random-output-len", "4", "--num-prompts", "3", "--output-json", str(out)])
+    throughput.main(args)
+    r = json.loads(out.read_text())
+    assert r["num_requests"] == 3 and r["total_num_tokens"] == 3 * (8 + 4)
+    assert abs(r["tokens_per_second"] - r["total_num_tokens"] / r["elapsed_time"]) < 1e-6 * r["tokens_per_second"]
+    args = parser.parse_args(["bench", "serve", "--dataset-name", "random", "--random-input-len", "8"])
+    assert args.dataset_name == "random"
+
+
+def test_bench_serve_summary_has_vllms_duration_key():
+    from pagellm.benchmarks import serve as bench_serve
+
+    ok = bench_serve.RequestResult(success=True, prompt_len=4, output_tokens=3, ttft=0.1, latency=0.3,
+                                   itl=[0.1, 0.1])
+    s = bench_serve.summarize([ok], 2.0)
+    assert s["duration"] == 2.0 and s["duration_s"] == 2.0 and s["completed"] == 1
+
+
 # ---- generate and chat as subprocesses ------------------------------------------------------------------
 
 

@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w = parser.add_argument_group("workload")
     w.add_argument("--workload", default=None, help="a standard workload (cpu-thr, gpu-thr, gpu-8b-thr) instead of "
                                                     "--random-*-len")
+    w.add_argument("--dataset-name", default="random", choices=["random"],
+                   help="vLLM's flag; only synthetic random token prompts here (default: random)")
     w.add_argument("--num-prompts", type=int, default=None, help="requests to send (default: 64, or the workload's)")
     w.add_argument("--random-input-len", type=int, default=256, help="prompt tokens (default: 256)")
     w.add_argument("--random-output-len", type=int, default=128, help="output tokens (default: 128)")
@@ -245,7 +247,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     output_tokens = sum(r.output_tokens for r in ok)
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     out: dict[str, Any] = {
-        "duration_s": duration, "completed": len(ok), "failed": len(results) - len(ok),
+        "duration_s": duration, "duration": duration, "completed": len(ok), "failed": len(results) - len(ok),
         "total_input_tokens": input_tokens, "total_output_tokens": output_tokens,
         "request_throughput": len(ok) / duration if duration > 0 else 0.0,
         "output_throughput": output_tokens / duration if duration > 0 else 0.0,

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--workload", default=None, help="a standard workload: cpu-thr, gpu-thr, gpu-8b-thr")
+    parser.add_argument("--dataset-name", default="random", choices=["random"],
+                        help="vLLM's flag; only synthetic random token prompts here")
     parser.add_argument("--num-prompts", type=int, default=None)
     parser.add_argument("--input-len", type=int, default=None, help="fixed prompt length")
     parser.add_argument("--output-len", type=int, default=None, help="fixed max_tokens")
@@ -98,6 +100,7 @@ def main(args: argparse.Namespace) -> None:
         "elapsed_time": elapsed, "num_requests": len(outs), "prompt_tokens": work.num_prompt_tokens,
         "output_tokens": out_tokens, "requests_per_second": len(outs) / elapsed,
         "output_tokens_per_second": out_tokens / elapsed,
+        "total_num_tokens": out_tokens + work.num_prompt_tokens,
         "tokens_per_second": (out_tokens + work.num_prompt_tokens) / elapsed, "startup_seconds": startup,
         "num_preemptions": llm.llm_engine.num_preemptions,
         "prefix_cache_hit_rate": llm.llm_engine.stats().prefix_cache_hit_rate,

@@ -22,6 +22,8 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
                 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                 240.0, 480.0, 960.0)
+# vLLM's: 1, 2, 5, 10, 20, 50, ... up to a cap (prompt and output lengths per request).
+_TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(7) for m in (1, 2, 5))
 
 
 class ServerMetrics:
@@ -48,6 +50,24 @@ class ServerMetrics:
                              labels, buckets=_ITL_BUCKETS, registry=r)
         self.e2e = Histogram("pagellm:e2e_request_latency_seconds", "Time from arrival to the last token.",
                              labels, buckets=_E2E_BUCKETS, registry=r)
+        # vLLM's deprecated name for the same per-token gaps; its example Grafana dashboard reads it.
+        self.tpot = Histogram("pagellm:time_per_output_token_seconds", "Time per output token (between tokens).",
+                              labels, buckets=_ITL_BUCKETS, registry=r)
+        self.queue_time = Histogram("pagellm:request_queue_time_seconds", "Time from arrival to first scheduled.",
+                                    labels, buckets=_E2E_BUCKETS, registry=r)
+        self.prefill_time = Histogram("pagellm:request_prefill_time_seconds",
+                                      "Time from first scheduled to the first token.", labels, buckets=_E2E_BUCKETS,
+                                      registry=r)
+        self.decode_time = Histogram("pagellm:request_decode_time_seconds", "Time from the first token to the last.",
+                                     labels, buckets=_E2E_BUCKETS, registry=r)
+        self.inference_time = Histogram("pagellm:request_inference_time_seconds",
+                                        "Time from first scheduled to the last token.", labels, buckets=_E2E_BUCKETS,
+                                        registry=r)
+        self.request_prompt_tokens = Histogram("pagellm:request_prompt_tokens", "Prompt tokens per finished request.",
+                                               labels, buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram("pagellm:request_generation_tokens",
+                                                   "Tokens generated per finished request.", labels,
+                                                   buckets=_TOKEN_BUCKETS, registry=r)
         self.prefix_queries = Counter("pagellm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                                       labels, registry=r)
         self.prefix_hits = Counter("pagellm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels,
@@ -61,7 +81,9 @@ class ServerMetrics:
         # Export every series (as zero) from the start, so scrapers see them before traffic.
         for metric in (self.running, self.waiting, self.kv_usage, self.used_blocks, self.total_blocks,
                        self.preemptions, self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e,
-                       self.prefix_queries, self.prefix_hits):
+                       self.tpot, self.queue_time, self.prefill_time, self.decode_time, self.inference_time,
+                       self.request_prompt_tokens, self.request_generation_tokens, self.prefix_queries,
+                       self.prefix_hits):
             metric.labels(model_name)
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
@@ -79,15 +101,29 @@ class ServerMetrics:
                     self.ttft.labels(m).observe(max(0.0, metrics.first_token_time - metrics.arrival_time))
             elif metrics.last_token_time > previous:
                 self.itl.labels(m).observe(metrics.last_token_time - previous)
+                self.tpot.labels(m).observe(metrics.last_token_time - previous)
             self._last_token_time[out.request_id] = metrics.last_token_time
             if out.finished:
                 self._last_token_time.pop(out.request_id, None)
                 end = metrics.finished_time or metrics.last_token_time
                 self.e2e.labels(m).observe(max(0.0, end - metrics.arrival_time))
+                self._observe_phases(metrics, end)
+                self.request_prompt_tokens.labels(m).observe(len(out.prompt_token_ids))
+                self.request_generation_tokens.labels(m).observe(sum(len(c.token_ids) for c in out.outputs))
                 # One count per request (an n > 1 request counts once, by its first choice).
                 reason = out.outputs[0].finish_reason if out.outputs else None
                 self.success.labels(m, reason or "abort").inc()
         self.update_stats(stats)
+
+    def _observe_phases(self, metrics, end: float) -> None:
+        """vLLM's queue / prefill / decode / inference split of a finished request's life."""
+        m, scheduled, first = self._model, metrics.first_scheduled_time, metrics.first_token_time
+        if scheduled is None or first is None:
+            return
+        self.queue_time.labels(m).observe(max(0.0, scheduled - metrics.arrival_time))
+        self.prefill_time.labels(m).observe(max(0.0, first - scheduled))
+        self.decode_time.labels(m).observe(max(0.0, end - first))
+        self.inference_time.labels(m).observe(max(0.0, end - scheduled))
 
     def on_aborted(self, request_id: str) -> None:
         self._last_token_time.pop(request_id, None)
