@@ -408,6 +408,9 @@ class BeamSearchParams:
     ignore_eos: bool = False
     temperature: float = 0.0
     length_penalty: float = 1.0
+    # vLLM's: whether a beam's text keeps the EOS token that ended it (False: left out). Before
+    # early_stopping, so that positional arguments line up with vLLM's.
+    include_stop_str_in_output: bool = False
     # transformers' meaning: False (default), True (stop at beam_width finished beams) or "never".
     early_stopping: bool | str = False
 
@@ -421,6 +424,7 @@ class BeamSearchParams:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         _require_bool("ignore_eos", self.ignore_eos)
+        _require_bool("include_stop_str_in_output", self.include_stop_str_in_output)
         temperature = _require_float("temperature", self.temperature)
         if temperature < 0.0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")

@@ -92,13 +92,55 @@ def test_eos_ends_a_beam_and_counts_in_its_length(eos_model) -> None:
             assert len(seq.logprobs) == len(generated)
             assert seq.cum_logprob == pytest.approx(sum(lp[t].logprob for lp, t in zip(seq.logprobs, generated)))
             assert seq.score == pytest.approx(seq.cum_logprob / len(generated))
-            assert seq.text == llm.get_tokenizer().decode(seq.tokens)
+            # vLLM's text: the ending EOS token left out (include_stop_str_in_output=False).
+            shown = seq.tokens[:-1] if seq.finish_reason == "stop" else seq.tokens
+            assert seq.text == llm.get_tokenizer().decode(shown)
         scores = [seq.score for seq in out.sequences]
         assert scores == sorted(scores, reverse=True)
     # ignore_eos: every beam runs to max_tokens.
     for out in _run(llm, 1.0, False, ignore_eos=True):
         assert all(seq.finish_reason == "length" and len(seq.tokens) == len(out.sequences[0].tokens)
                    for seq in out.sequences)
+
+
+def test_include_stop_str_in_output_keeps_eos_in_text(eos_model) -> None:
+    """vLLM's BeamSearchParams field (sixth, positionally): the ending EOS token's text shows
+    only when asked for; the beams and their tokens are the same either way."""
+    llm, eos = eos_model
+    tokenizer = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    default = llm.beam_search(prompts, BeamSearchParams(BEAM_WIDTH, MAX_TOKENS))
+    kept = llm.beam_search(prompts, BeamSearchParams(BEAM_WIDTH, MAX_TOKENS, False, 0.0, 1.0, True))
+    assert BeamSearchParams(BEAM_WIDTH, MAX_TOKENS).include_stop_str_in_output is False
+    stopped = 0
+    for out_default, out_kept in zip(default, kept):
+        assert [s.tokens for s in out_default.sequences] == [s.tokens for s in out_kept.sequences]
+        for seq_default, seq_kept in zip(out_default.sequences, out_kept.sequences):
+            assert seq_kept.text == tokenizer.decode(seq_kept.tokens)
+            if seq_default.finish_reason == "stop":
+                stopped += 1
+                assert seq_default.tokens[-1] in eos
+                assert seq_default.text == tokenizer.decode(seq_default.tokens[:-1]) != seq_kept.text
+            else:
+                assert seq_default.text == seq_kept.text
+    assert stopped, "some beam ends on EOS"
+    with pytest.raises(ValueError, match="^include_stop_str_in_output "):
+        BeamSearchParams(beam_width=2, max_tokens=4, include_stop_str_in_output=1)  # type: ignore[arg-type]
+
+
+def test_beam_width_beyond_vocabulary(tiny_llm) -> None:
+    """A beam width larger than the vocabulary is refused before any step, naming the field; one
+    within it, but with more candidates (2 * beam_width) than tokens, runs."""
+    vocab = tiny_llm.llm_engine.model_config.vocab_size
+    with pytest.raises(ValueError, match="beam_width"):
+        tiny_llm.beam_search([{"prompt_token_ids": [1, 2, 3]}], BeamSearchParams(beam_width=vocab + 1, max_tokens=2))
+    assert not tiny_llm.llm_engine.has_unfinished_requests()
+    wide = vocab // 2 + 1
+    out = tiny_llm.beam_search([{"prompt_token_ids": [1, 2, 3]}],
+                               BeamSearchParams(beam_width=wide, max_tokens=1, ignore_eos=True))[0]
+    assert len(out.sequences) == wide
+    assert len({seq.tokens[-1] for seq in out.sequences}) == wide
+    assert tiny_llm.llm_engine.kv_cache.num_used_blocks == 0
 
 
 def test_beam_search_reuses_cached_history(tiny_llm) -> None:

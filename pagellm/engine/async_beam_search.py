@@ -32,12 +32,14 @@ async def beam_search_async(engine: AsyncLLMEngine, request_id: str, prompt_toke
     Step requests are named `{request_id}-beam{step}-{i}`. `num_logprobs` asks each step for
     at least that many alternatives (so the beams' logprob entries can show the client's top
     k). The prompt must already be validated against the KV pool; raises ValueError if it
-    leaves no room in the context, EngineStepError if the engine fails in a step.
+    leaves no room in the context or the beam width exceeds the vocabulary, EngineStepError if
+    the engine fails in a step.
     """
     sync = engine.engine
+    vocab = sync.model_config.vocab_size
     state = new_search_state(prompt_token_ids, params, sync.model_config.max_model_len, sync.eos_token_ids,
-                             early_stopping)
-    step_params = expansion_params(max(state.num_candidates, num_logprobs or 0))
+                             early_stopping, vocab)
+    step_params = expansion_params(max(state.num_candidates, num_logprobs or 0), vocab)
     step = 0
     while not state.done:
         expansions = await _expand(engine, f"{request_id}-beam{step}", [beam.tokens for beam in state.running],

@@ -38,8 +38,9 @@ EarlyStopping = bool | Literal["never"]
 
 @dataclass
 class BeamSearchSequence:
-    """One beam (vLLM's shape). `tokens` holds the prompt and the generated tokens, and `text`
-    decodes them all, as vLLM does."""
+    """One beam (vLLM's shape). `tokens` holds the prompt and the generated tokens (an ending
+    EOS token included, as transformers has it), and `text` decodes them, as vLLM does: an
+    ending EOS token only with `include_stop_str_in_output`."""
 
     tokens: list[int]
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
@@ -144,12 +145,16 @@ class BeamSearchState:
 
 
 def new_search_state(prompt_token_ids: list[int], params: BeamSearchParams, max_model_len: int,
-                     eos_token_ids: set[int], early_stopping: EarlyStopping | None = None) -> BeamSearchState:
+                     eos_token_ids: set[int], early_stopping: EarlyStopping | None = None,
+                     vocab_size: int | None = None) -> BeamSearchState:
     """The search for one tokenized prompt, its length capped by the context.
 
     `early_stopping` overrides `params.early_stopping` when given. Raises ValueError when the
-    prompt leaves no room in the context for one generated token.
+    prompt leaves no room in the context for one generated token, or when `params.beam_width`
+    exceeds `vocab_size` (when given).
     """
+    if vocab_size is not None and params.beam_width > vocab_size:
+        raise ValueError(f"beam_width must be <= the vocabulary size ({vocab_size}), got {params.beam_width}")
     if len(prompt_token_ids) >= max_model_len:
         raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {max_model_len}, which "
                          "leaves no room to generate")
@@ -159,13 +164,14 @@ def new_search_state(prompt_token_ids: list[int], params: BeamSearchParams, max_
                            params.ignore_eos, params.length_penalty, stopping)  # type: ignore[arg-type]
 
 
-def expansion_params(num_logprobs: int) -> SamplingParams:
+def expansion_params(num_logprobs: int, vocab_size: int | None = None) -> SamplingParams:
     """The engine request for one beam's next token: one greedy token (never ended by EOS, so
-    the search decides) with its top `num_logprobs` alternatives. Shared by the requests of a
-    step (the engine does not mutate it)."""
+    the search decides) with its top `num_logprobs` alternatives, at most `vocab_size` (when
+    given). Shared by the requests of a step (the engine does not mutate it)."""
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
-    # Set after validation: the OpenAI cap on logprobs (20) is for users; the sampler takes any k.
-    params.logprobs = num_logprobs
+    # Set after validation: the OpenAI cap on logprobs (20) is for users; the sampler takes any k
+    # up to the vocabulary (wide beams ask for more candidates than there are tokens).
+    params.logprobs = num_logprobs if vocab_size is None else min(num_logprobs, vocab_size)
     return params
 
 
@@ -175,14 +181,17 @@ def run_beam_search(engine: LLMEngine, prompts: list[list[int]], params: BeamSea
 
     `early_stopping` overrides `params.early_stopping` when given. Drives `engine` itself, so
     the engine must have no other work (RuntimeError otherwise); the server's driver, which
-    shares the engine, is engine/async_beam_search.py. Raises ValueError when a prompt leaves
-    no room in the context for one generated token.
+    shares the engine, is engine/async_beam_search.py. Raises ValueError, before any step, when
+    a prompt leaves no room in the context for one generated token or the beam width exceeds
+    the vocabulary. Each sequence's text decodes its tokens, less an ending EOS token unless
+    `params.include_stop_str_in_output` (vLLM's text).
     """
     if engine.has_unfinished_requests():
         raise RuntimeError("beam search drives the engine itself; it must have no other requests")
     max_len = engine.model_config.max_model_len
-    states = [new_search_state(ids, params, max_len, engine.eos_token_ids, early_stopping) for ids in prompts]
-    step_params = expansion_params(states[0].num_candidates) if states else None
+    vocab = engine.model_config.vocab_size
+    states = [new_search_state(ids, params, max_len, engine.eos_token_ids, early_stopping, vocab) for ids in prompts]
+    step_params = expansion_params(states[0].num_candidates, vocab) if states else None
     bar = _progress_bar(params.max_tokens) if use_tqdm else None
     try:
         while True:
@@ -204,7 +213,8 @@ def run_beam_search(engine: LLMEngine, prompts: list[list[int]], params: BeamSea
     if engine.tokenizer is not None:
         for result in results:
             for seq in result.sequences:
-                seq.text = engine.tokenizer.decode(seq.tokens)
+                ends_on_eos = seq.finish_reason == "stop" and not params.include_stop_str_in_output
+                seq.text = engine.tokenizer.decode(seq.tokens[:-1] if ends_on_eos else seq.tokens)
     return results
 
 

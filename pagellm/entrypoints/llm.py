@@ -130,7 +130,8 @@ class LLM:
         """Beam search for each prompt (vLLM's API); returns outputs in prompt order.
 
         Each output holds the best `params.beam_width` sequences, best first, each with the
-        prompt's tokens followed by the generated ones. Beams are scored as transformers'
+        prompt's tokens followed by the generated ones (its text leaves out an ending EOS token
+        unless `params.include_stop_str_in_output`). Beams are scored as transformers'
         `generate(num_beams=..., length_penalty=...)` scores them, with its early stopping
         (`params.early_stopping`: False, True or "never", as in transformers).
         """
