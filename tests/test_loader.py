@@ -335,8 +335,8 @@ def test_gguf_unsupported_architecture(default_gguf: GGUFFile, tmp_path: Path) -
 # ---------------------------------------------------------------- errors
 
 def test_bad_load_format() -> None:
-    with pytest.raises(ValueError, match=r"load_format.*'auto', 'safetensors', 'gguf', 'dummy'"):
-        open_model_source(None, load_format="pt")
+    with pytest.raises(ValueError, match=r"load_format.*'auto', 'safetensors', 'pt', 'gguf', 'dummy'"):
+        open_model_source(None, load_format="bitsandbytes")
 
 
 def test_missing_path_says_hubs_unreachable(tmp_path: Path) -> None:

@@ -79,6 +79,20 @@ def test_pytorch_bin_folder_errors(tmp_path: Path) -> None:
         dict(source.iter_weights())
 
 
+def test_load_format_pt_reads_the_bin_files_only(tmp_path: Path) -> None:
+    """vLLM's load_format='pt': the *.bin files even beside safetensors; a clear error without them."""
+    folder, state = _tiny_llama(tmp_path / "both")
+    doubled = {name: 2 * tensor for name, tensor in state.items()}
+    torch.save(doubled, folder / "pytorch_model.bin")  # beside model.safetensors, other values
+    source = open_model_source(str(folder), load_format="pt", skip_tokenizer_init=True)
+    assert source.load_format == "pt"
+    assert all(torch.equal(t, doubled[name]) for name, t in source.iter_weights())
+    assert open_model_source(str(folder), skip_tokenizer_init=True).load_format == "safetensors"
+    plain, _ = _tiny_llama(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"load_format='pt' needs PyTorch \*\.bin"):
+        open_model_source(str(plain), load_format="pt", skip_tokenizer_init=True)
+
+
 # ---------------------------------------------------------------- checkpoints we cannot run
 
 @pytest.mark.parametrize("method", ["gptq", "fp8"])

@@ -8,10 +8,12 @@ import random
 import statistics
 import time
 
+from pagellm.models.loader import LOAD_FORMATS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None)
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)

@@ -8,6 +8,7 @@ import logging
 import time
 
 from pagellm.benchmarks.workloads import Workload, fixed_lengths, per_request_draw, standard_workload
+from pagellm.models.loader import LOAD_FORMATS
 
 
 # Named, not __name__: run as `python -m` this module is __main__, outside the pagellm log setup.
@@ -16,7 +17,7 @@ logger = logging.getLogger("pagellm.benchmarks.throughput")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--workload", default=None, help="a standard workload: cpu-thr, gpu-thr, gpu-8b-thr")
     parser.add_argument("--dataset-name", default="random", choices=["random"],

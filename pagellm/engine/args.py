@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from pagellm.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype, parse_memory_size
+from pagellm.models.loader import LOAD_FORMATS
 
-_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 TASKS = ("generate", "embed")
 RUNNERS = ("auto", "generate", "pooling")
 
@@ -63,8 +63,8 @@ class EngineArgs:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         if self.usage_context not in ("llm", "server"):
             raise ValueError(f"usage_context must be 'llm' or 'server'; got {self.usage_context!r}")
-        if self.load_format not in _LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {', '.join(_LOAD_FORMATS)}; got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:

@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from pagellm.models.loader import LOAD_FORMATS
+
 DEFAULT_MODEL_HELP = "HF model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)"
 
 
@@ -25,7 +27,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf file (default: the model's own)")
     g.add_argument("--dtype", default="auto",
                    help="weights and activations dtype: auto, bfloat16, float16, float32 (default: auto)")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
+    g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
                    help="how to read the weights; 'dummy' makes random weights (default: auto)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length in tokens, prompt plus output (default: the model's)")

