@@ -38,7 +38,7 @@ async def beam_search_async(engine: AsyncLLMEngine, request_id: str, prompt_toke
     sync = engine.engine
     vocab = sync.model_config.vocab_size
     state = new_search_state(prompt_token_ids, params, sync.model_config.max_model_len, sync.eos_token_ids,
-                             early_stopping, vocab)
+                             vocab, early_stopping)
     step_params = expansion_params(max(state.num_candidates, num_logprobs or 0), vocab)
     step = 0
     while not state.done:

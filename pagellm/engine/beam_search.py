@@ -145,15 +145,15 @@ class BeamSearchState:
 
 
 def new_search_state(prompt_token_ids: list[int], params: BeamSearchParams, max_model_len: int,
-                     eos_token_ids: set[int], early_stopping: EarlyStopping | None = None,
-                     vocab_size: int | None = None) -> BeamSearchState:
+                     eos_token_ids: set[int], vocab_size: int,
+                     early_stopping: EarlyStopping | None = None) -> BeamSearchState:
     """The search for one tokenized prompt, its length capped by the context.
 
     `early_stopping` overrides `params.early_stopping` when given. Raises ValueError when the
     prompt leaves no room in the context for one generated token, or when `params.beam_width`
-    exceeds `vocab_size` (when given).
+    exceeds `vocab_size`.
     """
-    if vocab_size is not None and params.beam_width > vocab_size:
+    if params.beam_width > vocab_size:
         raise ValueError(f"beam_width must be <= the vocabulary size ({vocab_size}), got {params.beam_width}")
     if len(prompt_token_ids) >= max_model_len:
         raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {max_model_len}, which "
@@ -164,14 +164,13 @@ def new_search_state(prompt_token_ids: list[int], params: BeamSearchParams, max_
                            params.ignore_eos, params.length_penalty, stopping)  # type: ignore[arg-type]
 
 
-def expansion_params(num_logprobs: int, vocab_size: int | None = None) -> SamplingParams:
+def expansion_params(num_logprobs: int, vocab_size: int) -> SamplingParams:
     """The engine request for one beam's next token: one greedy token (never ended by EOS, so
-    the search decides) with its top `num_logprobs` alternatives, at most `vocab_size` (when
-    given). Shared by the requests of a step (the engine does not mutate it)."""
+    the search decides) with its top `num_logprobs` alternatives, at most `vocab_size`. Shared by the requests of a step (the engine does not mutate it)."""
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
     # Set after validation: the OpenAI cap on logprobs (20) is for users; the sampler takes any k
     # up to the vocabulary (wide beams ask for more candidates than there are tokens).
-    params.logprobs = num_logprobs if vocab_size is None else min(num_logprobs, vocab_size)
+    params.logprobs = min(num_logprobs, vocab_size)
     return params
 
 
@@ -190,7 +189,7 @@ def run_beam_search(engine: LLMEngine, prompts: list[list[int]], params: BeamSea
         raise RuntimeError("beam search drives the engine itself; it must have no other requests")
     max_len = engine.model_config.max_model_len
     vocab = engine.model_config.vocab_size
-    states = [new_search_state(ids, params, max_len, engine.eos_token_ids, early_stopping, vocab) for ids in prompts]
+    states = [new_search_state(ids, params, max_len, engine.eos_token_ids, vocab, early_stopping) for ids in prompts]
     step_params = expansion_params(states[0].num_candidates, vocab) if states else None
     bar = _progress_bar(params.max_tokens) if use_tqdm else None
     try:

@@ -100,8 +100,8 @@ def open_model_source(model: str | None, tokenizer: str | None = None,
     else:
         hf_config = _load_hf_config(name, source_path, trust_remote_code)
         generation_config = _load_generation_config(source_path)
-        resolved_format = "dummy" if load_format == "dummy" else "safetensors"
-        if resolved_format == "safetensors":
+        resolved_format = "dummy"
+        if load_format != "dummy":
             _check_not_quantized(name, source_path, hf_config)
             weight_files, resolved_format = _find_weight_files(name, source_path, load_format)
 

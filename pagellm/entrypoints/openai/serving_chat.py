@@ -62,10 +62,9 @@ class OpenAIServingChat(OpenAIServing):
                                           request.continue_final_message, request.chat_template_kwargs)
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         # Errors name the field the client sent: the newer max_completion_tokens wins.
-        field_names = {"logprobs": "top_logprobs"}
-        if request.max_completion_tokens is not None:
-            field_names["max_tokens"] = "max_completion_tokens"
-        self.check_context(len(ids), max_tokens, max_tokens_param=field_names.get("max_tokens", "max_tokens"))
+        max_tokens_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        field_names = {"logprobs": "top_logprobs", "max_tokens": max_tokens_field}
+        self.check_context(len(ids), max_tokens, max_tokens_param=max_tokens_field)
         if max_tokens is None:
             max_tokens = self.max_tokens_left(len(ids))
         logprobs = _num_logprobs(request)
